@@ -1,0 +1,174 @@
+"""The on-disk model registry: ``models/<name>/card.json`` plus the artifacts it lists.
+
+Loading verifies every artifact's sha256 against its card before anything is served, and picks
+the backend and device: ONNX Runtime (CUDA provider when onnxruntime-gpu finds a GPU, else CPU) by
+default, TorchScript (CUDA when available) as the alternative. Nothing here imports ``training``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.preprocess import InputSpec, normalize
+
+logger = logging.getLogger("imgclf.registry")
+BACKENDS = ("onnx", "torchscript")
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot be served as it is (missing file, hash mismatch, bad card)."""
+
+
+class Backend(Protocol):
+    device: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OnnxBackend:
+    def __init__(self, path: Path, device: str, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available and _cuda_usable():
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "cuda":
+            raise RegistryError("IMGCLF_DEVICE=cuda but ONNX Runtime has no usable CUDA provider")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # ORT warns about unused CUDA libraries on CPU hosts
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+class TorchScriptBackend:
+    def __init__(self, path: Path, device: str, threads: int = 0) -> None:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = device
+        self.module = torch.jit.load(str(path), map_location=device).eval()
+        if device == "cuda":  # half-precision activations and NHWC kernels on the GPU
+            self.module = self.module.half().to(memory_format=torch.channels_last)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            if self.device == "cuda":
+                x = x.half().contiguous(memory_format=torch.channels_last)
+            return self.module(x).float().cpu().numpy()
+
+
+def _cuda_usable() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # no torch: trust the provider list
+        return True
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    card: dict[str, Any]
+    spec: InputSpec
+    backend: Backend
+    backend_name: str
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def version(self) -> str:
+        return self.card["version"]
+
+    def predict(self, images_uint8: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) uint8 at the card's size -> (N, classes) float32 probabilities."""
+        return self.backend(normalize(images_uint8, self.spec))
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    try:
+        card = json.loads((folder / "card.json").read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{folder}: no card.json") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(f"{folder}/card.json is not valid JSON: {exc}") from None
+    for key in ("name", "version", "classes", "input", "artifacts"):
+        if key not in card:
+            raise RegistryError(f"{folder}/card.json lacks {key!r}")
+    return card
+
+
+def verify_artifact(folder: Path, card: dict[str, Any], fmt: str) -> Path:
+    entry = card["artifacts"].get(fmt)
+    if entry is None:
+        raise RegistryError(f"model {card['name']!r} has no {fmt} artifact in its card")
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise RegistryError(f"model {card['name']!r}: artifact {path} is missing")
+    actual = sha256_file(path)
+    if actual != entry["sha256"]:
+        raise RegistryError(f"model {card['name']!r}: {path.name} sha256 {actual[:12]}... does not match "
+                            f"the card's {entry['sha256'][:12]}... (corrupted or replaced artifact)")
+    return path
+
+
+def load_model(folder: Path, backend: str = "onnx", device: str = "auto", threads: int = 0) -> LoadedModel:
+    card = read_card(folder)
+    if backend not in BACKENDS:
+        raise RegistryError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+    path = verify_artifact(folder, card, backend)
+    runner: Backend = (OnnxBackend if backend == "onnx" else TorchScriptBackend)(path, device, threads)
+    return LoadedModel(card["name"], card, InputSpec.from_card(card), runner, backend, list(card["classes"]))
+
+
+def load_registry(models_dir: Path, backend: str = "onnx", device: str = "auto",
+                  names: list[str] | None = None, threads: int = 0) -> dict[str, LoadedModel]:
+    """Load every model under ``models_dir`` (or just ``names``); any bad artifact is fatal."""
+    if not models_dir.is_dir():
+        raise RegistryError(f"model directory {models_dir} does not exist")
+    folders = sorted(p for p in models_dir.iterdir() if (p / "card.json").exists() and not p.name.startswith("."))
+    if names:
+        missing = set(names) - {p.name for p in folders}
+        if missing:
+            raise RegistryError(f"models {sorted(missing)} not found in {models_dir}")
+        folders = [p for p in folders if p.name in names]
+    if not folders:
+        raise RegistryError(f"no models (folders with card.json) in {models_dir}")
+    models = {}
+    for folder in folders:
+        model = load_model(folder, backend, device, threads)
+        models[model.name] = model
+        logger.info("loaded model %s v%s (%s on %s, %d classes)", model.name, model.version,
+                    backend, model.backend.device, len(model.classes))
+    return models
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("IMGCLF_MODELS_DIR", Path(__file__).resolve().parent.parent / "models"))

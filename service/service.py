@@ -1,0 +1,292 @@
+"""The BentoML service: ``POST /classify``, ``POST /classify_batch``, ``GET /models``.
+
+Two services, the pattern BentoML recommends for GPU serving:
+  * ``ImageClassifier`` (the entry point, CPU): parses uploads, validates and decodes images in
+    threads, answers bad input with a 4xx ``{"error", "detail"}`` body, shapes the responses.
+  * ``InferenceEngine`` (one worker, owns the GPU when there is one): an adaptive-batching API
+    (``batchable=True``) that stacks the preprocessed images of concurrent requests into one batch
+    per model and runs it through ONNX Runtime or TorchScript.
+
+Settings come from environment variables (``service/config.py``, listed in README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, List
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.config import Settings
+from service.preprocess import ImageError, decode_image, image_to_uint8
+from service.registry import RegistryError, load_registry, read_card, verify_artifact
+
+settings = Settings.from_env()
+logger = logging.getLogger("imgclf.service")
+
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="imgclf_model_batch_size",
+    documentation="Images per batch run by the model (adaptive batching at work)",
+    labelnames=["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+IMAGES = bentoml.metrics.Counter(
+    name="imgclf_images_total", documentation="Images classified", labelnames=["model"])
+REJECTED = bentoml.metrics.Counter(
+    name="imgclf_rejected_total", documentation="Requests answered with a 4xx", labelnames=["error"])
+
+
+def error_response(status: int, error: str, detail: Any, count: bool = True) -> JSONResponse:
+    if count:
+        REJECTED.labels(error=error).inc()
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+def load_cards(s: Settings) -> dict[str, dict[str, Any]]:
+    """Cards of the served models, every artifact hash checked (a mismatch stops start-up)."""
+    folders = sorted(p for p in s.models_dir.iterdir() if (p / "card.json").exists()
+                     and not p.name.startswith(".")) if s.models_dir.is_dir() else []
+    if s.models:
+        folders = [p for p in folders if p.name in s.models]
+    if not folders:
+        raise RegistryError(f"no models to serve in {s.models_dir}")
+    cards = {}
+    for folder in folders:
+        card = read_card(folder)
+        verify_artifact(folder, card, s.backend)
+        cards[card["name"]] = card
+    if s.default_model not in cards:
+        raise RegistryError(f"default model {s.default_model!r} is not among {sorted(cards)}")
+    return cards
+
+
+@bentoml.service(
+    name="inference-engine",
+    workers=1,
+    traffic={"timeout": settings.timeout_s},
+    logging={"access": {"enabled": False}},
+)
+class InferenceEngine:
+    def __init__(self) -> None:
+        self.models = load_registry(settings.models_dir, settings.backend, settings.device,
+                                    list(settings.models) or None, settings.engine_threads)
+        for name, model in self.models.items():
+            logger.warning("engine ready: model=%s version=%s backend=%s device=%s", name, model.version,
+                           model.backend_name, model.backend.device)
+
+    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size,
+                 max_latency_ms=settings.max_latency_ms)
+    def predict(self, requests: list[dict[str, Any]]) -> list[np.ndarray]:
+        """Each request is ``{"model": name, "pixels": (3, H, W) uint8}``; returns probabilities."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, request in enumerate(requests):
+            groups[request["model"]].append(i)
+        out: list[np.ndarray] = [np.empty(0)] * len(requests)
+        for name, index in groups.items():
+            batch = np.stack([requests[i]["pixels"] for i in index])
+            probabilities = self.models[name].predict(batch)
+            BATCH_SIZE.labels(model=name).observe(len(index))
+            IMAGES.labels(model=name).inc(len(index))
+            for row, i in zip(probabilities, index):
+                out[i] = row
+        return out
+
+
+class Gatekeeper:
+    """ASGI middleware in front of every route.
+
+    * refuses request bodies over ``max_bytes`` with a JSON 413 (checked on the declared length and
+      again while streaming, so a lying or chunked client cannot get past it);
+    * tags each request with an id (the client's ``X-Request-ID`` when sent) in the response header;
+    * gives BentoML's own request-validation errors our stable ``invalid_request`` error code.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        too_large = error_response(413, "body_too_large", f"request body exceeds {self.max_bytes} bytes "
+                                                          "(IMGCLF_MAX_BODY_BYTES)", count=False)
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > self.max_bytes:
+            REJECTED.labels(error="body_too_large").inc()
+            return await too_large(scope, receive, send)
+        received = 0
+        held: Message | None = None  # a 400 response start, until we have seen its body
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tagging_send(message: Message) -> None:
+            nonlocal held, started
+            if message["type"] == "http.response.start":
+                started = True
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                if message["status"] == 400:
+                    held = message
+                    return
+            elif held is not None and message["type"] == "http.response.body":
+                start, held = held, None
+                body = message.get("body", b"")
+                try:
+                    payload = json.loads(body)
+                    if isinstance(payload, dict) and "validation error" in str(payload.get("error")):
+                        error, detail = _validation_error(payload.get("detail"))
+                        REJECTED.labels(error=error).inc()
+                        body = json.dumps({"error": error, "detail": detail}).encode()
+                        start["headers"] = [(k, str(len(body)).encode() if k == b"content-length" else v)
+                                            for k, v in start["headers"]]
+                except ValueError:
+                    pass
+                await send(start)
+                message = {**message, "body": body}
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tagging_send)
+        except _BodyTooLarge:
+            if not started:
+                REJECTED.labels(error="body_too_large").inc()
+                await too_large(scope, receive, send)
+        except Exception:
+            logger.exception("request %s failed", request_id)
+            raise
+
+
+def _validation_error(detail: Any) -> tuple[str, Any]:
+    """BentoML's pydantic errors -> (our error code, detail); a missing file field is ``no_file``."""
+    problems = detail if isinstance(detail, list) else []
+    for problem in problems:
+        if problem.get("type") == "missing" and problem.get("loc") in (["image"], ["images"]):
+            field = problem["loc"][0]
+            return "no_file", f"send the image as a multipart file field named '{field}'"
+    return "invalid_request", [{k: p.get(k) for k in ("loc", "msg")} for p in problems] or detail
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _models_app(cards: dict[str, dict[str, Any]]) -> Starlette:
+    async def list_models(request: Request) -> JSONResponse:
+        return JSONResponse({"default": settings.default_model, "models": cards})
+
+    async def one_model(request: Request) -> JSONResponse:
+        name = request.path_params["name"]
+        if name not in cards:
+            return error_response(404, "unknown_model", {"model": name, "valid": sorted(cards)})
+        return JSONResponse(cards[name])
+
+    return Starlette(routes=[Route("/", list_models, methods=["GET"]),
+                             Route("/{name}", one_model, methods=["GET"])])
+
+
+CARDS = load_cards(settings)
+
+
+@bentoml.service(
+    name="image-classifier",
+    workers=settings.api_workers,
+    traffic={"timeout": settings.timeout_s},
+    logging={"access": {"enabled": False}},
+)
+class ImageClassifier:
+    engine = bentoml.depends(InferenceEngine)
+
+    def __init__(self) -> None:
+        self.cards = CARDS
+
+    def _check(self, model: str, top_k: int) -> JSONResponse | None:
+        if model not in self.cards:
+            return error_response(404, "unknown_model", {"model": model, "valid": sorted(self.cards)})
+        if top_k < 1:
+            return error_response(400, "invalid_top_k", f"top_k must be at least 1, got {top_k}")
+        return None
+
+    def _decode(self, path: Path, card: dict[str, Any]) -> np.ndarray:
+        return image_to_uint8(decode_image(path.read_bytes(), settings.max_pixels), card["input"]["size"])
+
+    def _result(self, card: dict[str, Any], probabilities: np.ndarray, top_k: int) -> dict[str, Any]:
+        classes = card["classes"]
+        order = np.argsort(-probabilities, kind="stable")[: min(top_k, len(classes))]
+        return {
+            "model": card["name"],
+            "version": card["version"],
+            "label": classes[int(order[0])],
+            "probabilities": {c: float(p) for c, p in zip(classes, probabilities)},
+            "top_k": [{"label": classes[int(i)], "probability": float(probabilities[i])} for i in order],
+        }
+
+    @bentoml.api(route="/classify")
+    async def classify(self, image: Path, model: str = settings.default_model,
+                       top_k: int = 5) -> dict[str, Any]:
+        """Classify one image (multipart field ``image``): softmax over every class, plus the top k."""
+        if (bad := self._check(model, top_k)) is not None:
+            return bad
+        card = self.cards[model]
+        try:
+            pixels = await asyncio.to_thread(self._decode, image, card)
+        except ImageError as exc:
+            return error_response(400 if exc.error != "image_too_large" else 413, exc.error, exc.detail)
+        probabilities = await self.engine.to_async.predict([{"model": model, "pixels": pixels}])
+        return self._result(card, probabilities[0], top_k)
+
+    @bentoml.api(route="/classify_batch")
+    async def classify_batch(self, images: List[Path], model: str = settings.default_model,
+                             top_k: int = 5) -> dict[str, Any]:
+        """Classify several images (repeated multipart field ``images``); results keep their order.
+
+        A file that cannot be decoded gets ``{"error", "detail"}`` in its slot; the others are scored.
+        """
+        if (bad := self._check(model, top_k)) is not None:
+            return bad
+        if not images:
+            return error_response(400, "no_images", "send one or more files in the field 'images'")
+        if len(images) > settings.max_files:
+            return error_response(413, "too_many_files",
+                                  f"{len(images)} files; the limit is {settings.max_files} (IMGCLF_MAX_FILES)")
+        card = self.cards[model]
+
+        def decode_one(path: Path) -> np.ndarray | ImageError:
+            try:
+                return self._decode(path, card)
+            except ImageError as exc:
+                return exc
+
+        decoded = await asyncio.gather(*(asyncio.to_thread(decode_one, p) for p in images))
+        good = [d for d in decoded if isinstance(d, np.ndarray)]
+        probabilities = iter(await self.engine.to_async.predict(
+            [{"model": model, "pixels": d} for d in good]) if good else [])
+        results = [self._result(card, next(probabilities), top_k) if isinstance(d, np.ndarray)
+                   else {"error": d.error, "detail": d.detail} for d in decoded]
+        return {"model": model, "version": card["version"], "results": results}
+
+
+ImageClassifier.add_asgi_middleware(Gatekeeper, max_bytes=settings.max_body_bytes)
+ImageClassifier.mount_asgi_app(_models_app(CARDS), path="/models", name="models")

@@ -1,0 +1,96 @@
+"""Shared fixtures: the real datasets (skipped where absent) and the real server on a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATASETS = Path(os.environ.get("IMGCLF_DATASETS", REPO.parent / "shared" / "datasets"))
+CIFAR_ARCHIVE = DATASETS / "cifar10-jpeg.tar.gz"
+CATSDOGS_ARCHIVE = DATASETS / "catsdogs.tar.gz"
+SHIPPED_MODELS = REPO / "models"
+
+# Tests share one cache of extracted archives and decoded tensors, outside the repository.
+os.environ.setdefault("IMGCLF_CACHE", str(Path.home() / ".cache" / "imgclf"))
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"dataset archive {path} is absent (see ../shared/datasets/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_folder() -> Path:
+    from training.data import extract_archive
+
+    return extract_archive(need(CIFAR_ARCHIVE)) / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def catsdogs_folder() -> Path:
+    from training.data import extract_archive
+
+    return extract_archive(need(CATSDOGS_ARCHIVE)) / "catsdogs"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, env: dict[str, str], timeout: float = 120) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"imgclf-server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.serve", "--port", str(self.port), "--host", "127.0.0.1"],
+            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-5000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    """The real BentoML server with the models shipped in models/."""
+    srv = Server({"IMGCLF_MODELS_DIR": str(SHIPPED_MODELS),
+                  "IMGCLF_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
+    yield srv
+    srv.stop()

@@ -1,0 +1,75 @@
+"""The models shipped in models/: intact, accurate on real held-out images, backends agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.preprocess import load_file
+from service.registry import RegistryError, load_model, load_registry, sha256_file
+
+from conftest import SHIPPED_MODELS
+
+CARDS = sorted(SHIPPED_MODELS.glob("*/card.json"))
+
+
+def test_registry_ships_a_cifar10_model_within_budget() -> None:
+    assert (SHIPPED_MODELS / "cifar10" / "card.json").exists()
+    total = sum(p.stat().st_size for p in SHIPPED_MODELS.rglob("*") if p.is_file())
+    assert total < 50 * 1024 * 1024
+
+
+@pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
+def test_card_hashes_match_artifacts(card_path: Path) -> None:
+    card = json.loads(card_path.read_text())
+    assert card["version"] == card["artifacts"]["onnx"]["sha256"][:12]
+    for entry in card["artifacts"].values():
+        assert sha256_file(card_path.parent / entry["file"]) == entry["sha256"]
+
+
+def _cifar_test_sample(cifar_folder: Path, per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    card = json.loads((SHIPPED_MODELS / "cifar10" / "card.json").read_text())
+    images, labels = [], []
+    for label, name in enumerate(card["classes"]):
+        for path in sorted((cifar_folder / "test" / name).glob("*.jpg"))[:per_class]:
+            images.append(load_file(str(path), card["input"]["size"]))
+            labels.append(label)
+    return np.stack(images), np.array(labels), card["classes"]
+
+
+def test_cifar10_accuracy_on_real_test_images_matches_card(cifar_folder: Path) -> None:
+    model = load_model(SHIPPED_MODELS / "cifar10", "onnx", "cpu")
+    images, labels, _ = _cifar_test_sample(cifar_folder, 100)
+    probabilities = model.predict(images)
+    accuracy = float((probabilities.argmax(1) == labels).mean())
+    assert np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    # 1,000 of the 10,000 test images: within 4 points of the card's full-test figure
+    assert accuracy >= model.card["metrics"]["test_accuracy"] - 0.04, accuracy
+
+
+@pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
+def test_onnx_and_torchscript_backends_agree(card_path: Path) -> None:
+    onnx = load_model(card_path.parent, "onnx", "cpu")
+    ts = load_model(card_path.parent, "torchscript", "cpu")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 3, *onnx.spec.size), dtype=np.uint8)
+    tolerance = max(1e-4, onnx.card["parity"]["tolerance"])
+    assert np.abs(onnx.predict(images) - ts.predict(images)).max() <= tolerance
+
+
+def test_corrupted_artifact_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "cifar10"
+    shutil.copytree(SHIPPED_MODELS / "cifar10", copy)
+    with open(copy / "model.onnx", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00corrupt")
+    with pytest.raises(RegistryError, match="does not match"):
+        load_registry(tmp_path)
+    (copy / "model.onnx").unlink()
+    with pytest.raises(RegistryError, match="missing"):
+        load_registry(tmp_path)

@@ -1,0 +1,121 @@
+"""Data loading, network shapes, training and export (with its parity gate) on real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from training import data as D
+from training.nets import ARCHITECTURES, build_model
+
+
+def test_extract_archive_is_idempotent_and_outside_repo(cifar_folder: Path) -> None:
+    assert (cifar_folder.parent / ".complete").exists()
+    assert D.REPO_ROOT not in cifar_folder.parents
+    assert D.extract_archive(D.shared_datasets_dir() / "cifar10-jpeg.tar.gz") == cifar_folder.parent
+
+
+def test_read_class_folders_labels_match_folders(cifar_folder: Path) -> None:
+    classes = ("cat", "dog")
+    subset = cifar_folder / "test"
+    data = D.read_class_folders(subset, classes, (32, 32))
+    assert data.images.shape == (2000, 3, 32, 32) and data.images.dtype == torch.uint8
+    assert data.labels.bincount().tolist() == [1000, 1000]
+
+
+def test_cifar10_split_is_seeded_and_disjoint(cifar_folder: Path) -> None:
+    a = D.load_cifar10(seed=0)
+    b = D.load_cifar10(seed=0)
+    assert (len(a.train), len(a.val), len(a.test)) == (40_000, 10_000, 10_000)
+    assert torch.equal(a.val.labels, b.val.labels) and a.fingerprint == b.fingerprint
+    assert a.train.labels.bincount().min() > 3800  # all ten classes, roughly balanced
+    c = D.load_cifar10(seed=1)
+    assert not torch.equal(a.val.images[:50], c.val.images[:50])
+
+
+def test_random_crop_and_flip_are_translations() -> None:
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    assert torch.equal(D.random_crop(x, 0), x)
+    cropped = D.random_crop(x, 2)
+    assert cropped.shape == x.shape
+    # every output row is a contiguous 8-pixel window of the reflect-padded input row
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for n in range(2):
+        windows = {tuple(padded[n, 0, r, c:c + 8].tolist()) for r in range(12) for c in range(5)}
+        assert tuple(cropped[n, 0, 3].tolist()) in windows
+    flipped = D.random_flip(x)
+    for n in range(2):
+        assert torch.equal(flipped[n], x[n]) or torch.equal(flipped[n], x[n].flip(2))
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_maps_images_to_class_logits(name: str) -> None:
+    model = build_model(name, 10).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+        if name in ("lenet5", "resnet20", "plain_cnn"):
+            assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+
+
+def test_lenet_fixed_from_seed() -> None:
+    model = build_model("lenet5", 2)
+    assert sum(p.numel() for p in model.parameters()) < 100_000
+    with torch.no_grad():
+        out = model(torch.randn(4, 3, 224, 224))
+    assert out.shape == (4, 2)
+    assert not torch.allclose(out.softmax(1).sum(1), out.sum(1))  # logits, not probabilities
+
+
+def test_unknown_architecture_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="choose from"):
+        build_model("resnet1000", 10)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cifar_folder: Path) -> Path:
+    from training.train import parse_args, train
+
+    out = tmp_path_factory.mktemp("run")
+    train(parse_args(["--model", "plain_cnn", "--epochs", "2", "--limit-train", "4096",
+                      "--batch-size", "128", "--out", str(out)]))
+    return out
+
+
+def test_training_writes_checkpoint_metrics_and_curves(tiny_run: Path) -> None:
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2
+    assert metrics["test_images"] == 10_000
+    assert metrics["test_accuracy"] > 0.2  # well above chance after two short epochs
+    assert (tiny_run / "curves.png").stat().st_size > 10_000
+    assert set(torch.load(tiny_run / "best.pt", weights_only=True)) >= {"arch", "state_dict", "classes", "input"}
+
+
+def test_export_writes_card_and_parity_holds(tiny_run: Path, tmp_path: Path) -> None:
+    from training.export import export
+    from training.data import sha256_file
+
+    target = export(tiny_run, "cifar10", tmp_path, tolerance=1e-4, parity_count=128)
+    card = json.loads((target / "card.json").read_text())
+    assert card["classes"][3] == "cat" and card["input"]["size"] == [32, 32]
+    for fmt, entry in card["artifacts"].items():
+        assert sha256_file(target / entry["file"]) == entry["sha256"]
+    assert card["parity"]["max_abs_diff_onnx"] <= 1e-4
+    assert card["training"]["data_fingerprint"] == D.load_cifar10().fingerprint
+    # the ONNX graph has a dynamic batch axis
+    session = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        out = session.run(None, {"input": np.random.rand(n, 3, 32, 32).astype(np.float32)})[0]
+        assert out.shape == (n, 10) and np.allclose(out.sum(1), 1, atol=1e-5)
+
+
+def test_export_refuses_when_parity_fails(tiny_run: Path, tmp_path: Path) -> None:
+    from training.export import export
+
+    with pytest.raises(SystemExit, match="parity check failed"):
+        export(tiny_run, "cifar10", tmp_path, tolerance=-1.0, parity_count=16)
+    assert not (tmp_path / "cifar10").exists()  # nothing half-written lands in the registry

@@ -1,0 +1,159 @@
+"""Export a trained checkpoint into the model registry: TorchScript + ONNX + card.json.
+
+    python -m training.export runs/cifar10-resnet20 --name cifar10
+
+The exported graphs include the softmax, so every backend returns probabilities. Before anything
+is written, ONNX Runtime's and TorchScript's outputs on real test images must match the PyTorch
+model within ``--tolerance`` (max abs difference of the probabilities), or the export fails.
+The registry entry is assembled in a staging folder and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from service.preprocess import InputSpec, normalize
+from training.data import REPO_ROOT, load_catsdogs, load_cifar10, sha256_file
+from training.nets import build_model
+
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+OPSET = 17
+
+
+class WithSoftmax(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+def load_checkpoint(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    model = build_model(ckpt["arch"], len(ckpt["classes"]))
+    model.load_state_dict(ckpt["state_dict"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return WithSoftmax(model).eval(), ckpt, metrics
+
+
+def parity_images(dataset: str, size: list[int], count: int) -> np.ndarray:
+    """The first ``count`` images of the real test split, as (N, 3, H, W) uint8."""
+    data = load_cifar10() if dataset == "cifar10" else load_catsdogs(size=size[0])
+    return data.test.images[:count].numpy()
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["probabilities"],
+                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+                      opset_version=OPSET, dynamo=False)
+
+
+def check_parity(model: nn.Module, onnx_path: Path, ts_path: Path, inputs: np.ndarray,
+                 tolerance: float) -> dict[str, float]:
+    with torch.no_grad():
+        reference = model(torch.from_numpy(inputs)).numpy()
+        scripted = torch.jit.load(str(ts_path)).eval()
+        ts_out = scripted(torch.from_numpy(inputs)).numpy()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {"input": inputs})[0]
+    result = {"images": int(len(inputs)),
+              "max_abs_diff_onnx": float(np.abs(onnx_out - reference).max()),
+              "max_abs_diff_torchscript": float(np.abs(ts_out - reference).max()),
+              "tolerance": tolerance,
+              "top1_agreement_onnx": float((onnx_out.argmax(1) == reference.argmax(1)).mean())}
+    worst = max(result["max_abs_diff_onnx"], result["max_abs_diff_torchscript"])
+    if not worst <= tolerance:  # also catches NaN
+        raise SystemExit(f"parity check failed: max abs diff {worst:.3g} > {tolerance:g} ({result})")
+    return result
+
+
+def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
+               parity: dict[str, float]) -> dict[str, Any]:
+    onnx_hash = sha256_file(artifacts["onnx"])
+    return {
+        "name": name,
+        "version": onnx_hash[:12],
+        "task": "image-classification",
+        "classes": ckpt["classes"],
+        "input": ckpt["input"],
+        "output": "softmax probabilities over classes, in card order (the graphs include the softmax)",
+        "architecture": ckpt["arch"],
+        "parameters": metrics["parameters"],
+        "metrics": {
+            "test_accuracy": metrics["test_accuracy"],
+            "test_images": metrics["test_images"],
+            "val_accuracy": metrics["val_accuracy"],
+            "measured_as": metrics["test_measured_as"],
+        },
+        "training": {key: metrics[key] for key in (
+            "command", "dataset", "data_source", "data_fingerprint", "split", "seed", "best_epoch",
+            "train_seconds", "hardware", "torch", "init_from")},
+        "artifacts": {fmt: {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+                      for fmt, path in artifacts.items()},
+        "parity": parity,
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "export_command": "python -m training.export " + " ".join(sys.argv[1:]),
+    }
+
+
+def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_count: int) -> Path:
+    model, ckpt, metrics = load_checkpoint(run_dir)
+    spec = InputSpec.from_card(ckpt)
+    raw = parity_images(ckpt["dataset"], list(spec.size), parity_count)
+    inputs = normalize(raw, spec)
+    example = torch.from_numpy(inputs[:2])
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
+    staging.chmod(0o755)  # mkdtemp makes it owner-only; the registry is read by the service user
+    try:
+        artifacts = {"onnx": staging / ONNX_FILE, "torchscript": staging / TORCHSCRIPT_FILE}
+        export_onnx(model, example, artifacts["onnx"])
+        with torch.no_grad():
+            torch.jit.trace(model, example).save(str(artifacts["torchscript"]))
+        parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
+        card = build_card(name, ckpt, metrics, artifacts, parity)
+        (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+        if (run_dir / "curves.png").exists():
+            shutil.copy(run_dir / "curves.png", staging / "curves.png")
+        target = models_dir / name
+        if target.exists():
+            old = target.rename(models_dir / f".{name}-old")
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"exported {name} v{card['version']} to {target}: test accuracy {card['metrics']['test_accuracy']:.4f}, "
+          f"parity onnx {parity['max_abs_diff_onnx']:.2e} torchscript {parity['max_abs_diff_torchscript']:.2e}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="training output folder (holds best.pt, metrics.json)")
+    parser.add_argument("--name", required=True, help="registry name, e.g. cifar10")
+    parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--parity-images", type=int, default=256)
+    args = parser.parse_args(argv)
+    export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images)
+
+
+if __name__ == "__main__":
+    main()
