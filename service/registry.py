@@ -148,9 +148,8 @@ def load_model(folder: Path, backend: str = "onnx", device: str = "auto", thread
     return LoadedModel(card["name"], card, InputSpec.from_card(card), runner, backend, list(card["classes"]))
 
 
-def load_registry(models_dir: Path, backend: str = "onnx", device: str = "auto",
-                  names: list[str] | None = None, threads: int = 0) -> dict[str, LoadedModel]:
-    """Load every model under ``models_dir`` (or just ``names``); any bad artifact is fatal."""
+def model_folders(models_dir: Path, names: list[str] | tuple[str, ...] | None = None) -> list[Path]:
+    """The registry entries (folders holding card.json; export's hidden staging folders skipped)."""
     if not models_dir.is_dir():
         raise RegistryError(f"model directory {models_dir} does not exist")
     folders = sorted(p for p in models_dir.iterdir() if (p / "card.json").exists() and not p.name.startswith("."))
@@ -161,8 +160,14 @@ def load_registry(models_dir: Path, backend: str = "onnx", device: str = "auto",
         folders = [p for p in folders if p.name in names]
     if not folders:
         raise RegistryError(f"no models (folders with card.json) in {models_dir}")
+    return folders
+
+
+def load_registry(models_dir: Path, backend: str = "onnx", device: str = "auto",
+                  names: list[str] | None = None, threads: int = 0) -> dict[str, LoadedModel]:
+    """Load every model under ``models_dir`` (or just ``names``); any bad artifact is fatal."""
     models = {}
-    for folder in folders:
+    for folder in model_folders(models_dir, names):
         model = load_model(folder, backend, device, threads)
         models[model.name] = model
         logger.info("loaded model %s v%s (%s on %s, %d classes)", model.name, model.version,

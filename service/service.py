@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.preprocess import ImageError, decode_image, image_to_uint8
-from service.registry import RegistryError, load_registry, read_card, verify_artifact
+from service.registry import RegistryError, load_registry, model_folders, read_card, verify_artifact
 
 settings = Settings.from_env()
 logger = logging.getLogger("imgclf.service")
@@ -55,14 +55,8 @@ def error_response(status: int, error: str, detail: Any, count: bool = True) -> 
 
 def load_cards(s: Settings) -> dict[str, dict[str, Any]]:
     """Cards of the served models, every artifact hash checked (a mismatch stops start-up)."""
-    folders = sorted(p for p in s.models_dir.iterdir() if (p / "card.json").exists()
-                     and not p.name.startswith(".")) if s.models_dir.is_dir() else []
-    if s.models:
-        folders = [p for p in folders if p.name in s.models]
-    if not folders:
-        raise RegistryError(f"no models to serve in {s.models_dir}")
     cards = {}
-    for folder in folders:
+    for folder in model_folders(s.models_dir, s.models):
         card = read_card(folder)
         verify_artifact(folder, card, s.backend)
         cards[card["name"]] = card

@@ -228,3 +228,30 @@ def test_corrupted_artifact_stops_startup_before_port_opens(tmp_path: Path) -> N
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "sha256" in lines[0] and "does not match" in lines[0]
+
+
+def test_python_client_example_from_readme(server: Server, cifar_folder: Path) -> None:
+    import bentoml
+
+    photo = sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[0]
+    with bentoml.SyncHTTPClient(server.url) as client:
+        result = client.classify(image=photo, model="cifar10", top_k=3)
+        batch = client.classify_batch(images=[photo, photo], model="cifar10", top_k=1)
+    assert len(result["top_k"]) == 3 and sum(result["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert [r["label"] for r in batch["results"]] == [result["label"]] * 2
+
+
+def test_curl_lines_from_readme(server: Server, cifar_folder: Path) -> None:
+    readme = (REPO / "README.md").read_text()
+    photo = sorted((cifar_folder / "test" / "cat").glob("*.jpg"))[0]
+    lines = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith("curl ")]
+    assert len(lines) >= 4
+    for line in lines:
+        command = (line.replace("localhost:3000", server.url).replace("@cat.jpg", f"@{photo}")
+                   .replace("@a.jpg", f"@{photo}").replace("@b.png", f"@{photo}"))
+        if "catsdogs" in command and "catsdogs" not in httpx.get(server.url + "/models/").json()["models"]:
+            continue
+        result = subprocess.run(command + " -s -w '\\n%{http_code}'", shell=True, capture_output=True, text=True)
+        body, code = result.stdout.rsplit("\n", 1)
+        assert code == "200", (command, body)
+        json.loads(body)

@@ -7,6 +7,7 @@ serves 32x32 CIFAR images and 96x96+ photos. One builder per variant, registered
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -299,10 +300,52 @@ def densenet40(num_classes: int = 10) -> nn.Module:
     return DenseNet(6, 12, num_classes)
 
 
+def tv_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ImageNet ResNet-18 (7x7 stem, for 160-224 px photos) with a new head."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     f.__name__: f for f in (plain_cnn, lenet5, alexnet, vgg11, vgg16, googlenet, resnet20, resnet18,
-                            resnet34, se_resnet20, se_resnet18, densenet40)
+                            resnet34, se_resnet20, se_resnet18, densenet40, tv_resnet18)
 }
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    pass
+
+
+def imagenet_backbone(name: str, num_classes: int) -> nn.Module:
+    """A torchvision model with its ImageNet weights (download or torch hub cache) and a new head.
+
+    Without internet and without the file in ``$TORCH_HOME/hub/checkpoints`` this raises
+    :class:`PretrainedWeightsUnavailable` with what to do, instead of a urllib stack trace.
+    """
+    import torchvision
+    from torch.hub import get_dir
+
+    if name != "tv_resnet18":
+        raise ValueError(f"ImageNet weights are wired for tv_resnet18 only, not {name!r}")
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    try:
+        model = torchvision.models.resnet18(weights=weights, progress=False)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        raise PretrainedWeightsUnavailable(
+            f"ImageNet weights for {name} are not in the torch hub cache ({cached}) and could not be "
+            f"downloaded ({type(exc).__name__}: {exc}). On a machine with internet run once: python -c "
+            "'import torchvision; torchvision.models.resnet18(weights=\"IMAGENET1K_V1\")', copy "
+            f"{cached.name} into {cached.parent}, or train with --init-from a checkpoint of this project."
+        ) from None
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:

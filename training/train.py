@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from service.preprocess import InputSpec
 from training.data import Dataset, ImageSet, batches, load_catsdogs, load_cifar10
-from training.nets import ARCHITECTURES, build_model
+from training.nets import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, PretrainedWeightsUnavailable,
+                           build_model, imagenet_backbone)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -73,8 +74,12 @@ def warmup_then_linear_decay(total_steps: int, warmup_fraction: float = 0.15):
 def load_dataset(args: argparse.Namespace) -> Dataset:
     root = Path(args.data_root) if args.data_root else None
     if args.dataset == "cifar10":
-        return load_cifar10(root, download=args.download, seed=args.seed)
-    return load_catsdogs(root, size=args.image_size, seed=args.seed)
+        data = load_cifar10(root, download=args.download, seed=args.seed)
+    else:
+        data = load_catsdogs(root, size=args.image_size, seed=args.seed)
+    if args.pretrained == "imagenet":  # the backbone expects ImageNet statistics
+        data.mean, data.std = IMAGENET_MEAN, IMAGENET_STD
+    return data
 
 
 def init_from_checkpoint(model: nn.Module, path: str) -> list[str]:
@@ -119,8 +124,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     data = load_dataset(args)
     train_set = data.train if not args.limit_train else data.train.subset(torch.arange(args.limit_train))
     classes = data.train.classes
-    model = build_model(args.model, len(classes))
-    fresh = init_from_checkpoint(model, args.init_from) if args.init_from else None
+    fresh = None
+    if args.pretrained == "imagenet":
+        try:
+            model = imagenet_backbone(args.model, len(classes))
+        except PretrainedWeightsUnavailable as exc:
+            raise SystemExit(f"error: {exc}") from None
+        fresh = ["fc.weight", "fc.bias"]
+    else:
+        model = build_model(args.model, len(classes))
+        if args.init_from:
+            fresh = init_from_checkpoint(model, args.init_from)
     model = model.to(device, memory_format=torch.channels_last)
 
     head_params = [p for n, p in model.named_parameters() if fresh is not None and n in fresh]
@@ -146,7 +160,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             optimizer, warmup_then_linear_decay(n_epochs * steps_per_epoch))
         for _ in range(n_epochs):
             epoch += 1
-            model.train()
+            model.train(phase == "all")  # head-only: the frozen backbone keeps its BN statistics
             loss_sum, correct, seen = 0.0, 0, 0
             bar = tqdm(batches(train_set, args.batch_size, data.mean, data.std, device, shuffle=True,
                                augment=True, crop_pad=max(4, spec.size[0] // 8)),
@@ -195,7 +209,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__, "data_fingerprint": data.fingerprint, "data_source": data.source,
         "split": data.split, "seed": args.seed,
         "command": "python -m training.train " + " ".join(shlex.quote(a) for a in args.argv),
-        "init_from": args.init_from, "history": history,
+        "init_from": args.init_from or (f"torchvision {args.pretrained} weights" if args.pretrained else None),
+        "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_curves(history, test_acc, f"{data.name} / {args.model} ({args.optimizer}, {epoch} epochs, "
@@ -220,6 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--init-from", help="checkpoint whose matching weights start the model (transfer)")
+    parser.add_argument("--pretrained", choices=["imagenet"], help="start from torchvision ImageNet weights "
+                        "(with --model tv_resnet18; downloaded or read from the torch hub cache)")
     parser.add_argument("--head-epochs", type=int, default=0, help="with --init-from: head-only epochs first")
     parser.add_argument("--head-lr-scale", type=float, default=1.0)
     parser.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
