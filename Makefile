@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 
-.PHONY: setup test serve train-cifar10 export-cifar10 train-catsdogs export-catsdogs lint clean
+.PHONY: setup test serve train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,11 +22,25 @@ serve: setup
 	IMGCLF_PORT=$(PORT) $(PY) -m service.serve
 
 # The shipped models were made by these targets (numbers in models/*/card.json and docs/TRAINING.md).
-train-cifar10: setup
+train-cifar10 runs/cifar10-resnet20/best.pt: setup
 	$(PY) -m training.train --dataset cifar10 --model resnet20 --epochs 8 --out runs/cifar10-resnet20
 
 export-cifar10:
 	$(PY) -m training.export runs/cifar10-resnet20 --name cifar10
+
+# Transfer from the CIFAR-10 checkpoint: 1 head-only epoch, then 5 epochs of everything.
+train-catsdogs: runs/cifar10-resnet20/best.pt
+	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 64 \
+		--init-from runs/cifar10-resnet20/best.pt --head-epochs 1 --epochs 5 --lr 0.05 --batch-size 128 \
+		--out runs/catsdogs-resnet20-transfer
+
+# The from-scratch baseline: the seed's LeNet-5 at 224x224, fixed.
+train-catsdogs-lenet: setup
+	$(PY) -m training.train --dataset catsdogs --model lenet5 --image-size 224 --epochs 10 \
+		--optimizer adam --lr 0.002 --weight-decay 0.0001 --batch-size 128 --out runs/catsdogs-lenet5
+
+export-catsdogs:
+	$(PY) -m training.export runs/catsdogs-resnet20-transfer --name catsdogs
 
 lint: setup
 	$(VENV)/bin/hadolint Dockerfile

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,7 +73,9 @@ class TorchScriptBackend:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
-        self.module = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream; ONNX is our default
+            warnings.simplefilter("ignore", FutureWarning)
+            self.module = torch.jit.load(str(path), map_location=device).eval()
         if device == "cuda":  # half-precision activations and NHWC kernels on the GPU
             self.module = self.module.half().to(memory_format=torch.channels_last)
 

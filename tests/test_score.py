@@ -117,3 +117,28 @@ def test_ray_engine_matches_local(labeled_folder: Path, tmp_path: Path) -> None:
     for x, y in zip(a, b):
         assert x["label"] == y["label"] and float(x["p_ship"]) == pytest.approx(float(y["p_ship"]), abs=1e-5)
     assert {r["error"] for r in read_csv(tmp_path / "ray.errors.csv")} == {"corrupt_image", "not_an_image"}
+
+
+def test_ctrl_c_leaves_a_whole_file_and_resume_finishes(tmp_path: Path, cifar_folder: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = cifar_folder / "train" / "cat"  # 5,000 files
+    out = tmp_path / "cats.csv"
+    command = [sys.executable, "-m", "service.score", str(folder), "--out", str(out),
+               "--models-dir", str(SHIPPED_MODELS), "--batch-size", "64"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=Path(score.__file__).parent.parent)
+    proc.stderr.read(1)  # the progress bar has started
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), err
+    rows = read_csv(out)  # parses: never half-written
+    assert 0 < len(rows) <= 5000 and not list(tmp_path.glob(".*.tmp"))
+    if proc.returncode == 130:
+        assert "--resume" in err and len(rows) < 5000
+    assert score.main([str(folder), "--out", str(out), "--resume", "--models-dir", str(SHIPPED_MODELS)]) == 0
+    final = read_csv(out)
+    assert len(final) == 5000 and len({r["path"] for r in final}) == 5000

@@ -73,3 +73,28 @@ def test_corrupted_artifact_is_refused(tmp_path: Path) -> None:
     (copy / "model.onnx").unlink()
     with pytest.raises(RegistryError, match="missing"):
         load_registry(tmp_path)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA GPU on this machine (CI never has one)")
+@pytest.mark.parametrize("backend", ["onnx", "torchscript"])
+def test_gpu_backends_match_cpu(backend: str) -> None:
+    cpu = load_model(SHIPPED_MODELS / "cifar10", "onnx", "cpu")
+    gpu = load_model(SHIPPED_MODELS / "cifar10", backend, "cuda")
+    assert gpu.backend.device == "cuda"
+    images = np.random.default_rng(1).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    # the TorchScript GPU path runs in fp16: agreement to 1e-2 on probabilities, same top-1 mostly
+    got, want = gpu.predict(images), cpu.predict(images)
+    assert np.abs(got - want).max() < 1e-2 and (got.argmax(1) == want.argmax(1)).mean() > 0.95
+
+
+def test_cuda_request_without_gpu_fails_clearly() -> None:
+    if _cuda():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RegistryError, match="CUDA"):
+        load_model(SHIPPED_MODELS / "cifar10", "onnx", "cuda")

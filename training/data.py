@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from service.preprocess import load_file
+from service.registry import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR10_CLASSES = (
@@ -49,14 +50,6 @@ def cache_dir() -> Path:
 def shared_datasets_dir() -> Path:
     """Where this project's machines keep the dataset archives (``../shared/datasets``)."""
     return Path(os.environ.get("IMGCLF_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def extract_archive(archive: Path) -> Path:

@@ -16,6 +16,7 @@ import json
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +63,18 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
                       opset_version=OPSET, dynamo=False)
 
 
+def quiet(func, *args, **kwargs):
+    """Call ``func`` without the exporters' deprecation chatter (TorchScript, legacy ONNX export)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
+        return func(*args, **kwargs)
+
+
 def check_parity(model: nn.Module, onnx_path: Path, ts_path: Path, inputs: np.ndarray,
                  tolerance: float) -> dict[str, float]:
     with torch.no_grad():
         reference = model(torch.from_numpy(inputs)).numpy()
-        scripted = torch.jit.load(str(ts_path)).eval()
+        scripted = quiet(torch.jit.load, str(ts_path)).eval()
         ts_out = scripted(torch.from_numpy(inputs)).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     onnx_out = session.run(None, {"input": inputs})[0]
@@ -122,9 +130,9 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the registry is read by the service user
     try:
         artifacts = {"onnx": staging / ONNX_FILE, "torchscript": staging / TORCHSCRIPT_FILE}
-        export_onnx(model, example, artifacts["onnx"])
+        quiet(export_onnx, model, example, artifacts["onnx"])
         with torch.no_grad():
-            torch.jit.trace(model, example).save(str(artifacts["torchscript"]))
+            quiet(torch.jit.trace, model, example).save(str(artifacts["torchscript"]))
         parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
         card = build_card(name, ckpt, metrics, artifacts, parity)
         (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
