@@ -36,7 +36,7 @@ train-catsdogs: runs/cifar10-resnet20/best.pt
 
 # The from-scratch baseline: the seed's LeNet-5 at 224x224, fixed.
 train-catsdogs-lenet: setup
-	$(PY) -m training.train --dataset catsdogs --model lenet5 --image-size 224 --epochs 10 \
+	$(PY) -m training.train --dataset catsdogs --model lenet5 --image-size 224 --epochs 4 \
 		--optimizer adam --lr 0.002 --weight-decay 0.0001 --batch-size 128 --out runs/catsdogs-lenet5
 
 export-catsdogs:

@@ -50,7 +50,7 @@ def seed_loop(paths: list[Path], model_dir: Path) -> float:
 
 
 def tool(paths: list[Path], root: Path, models_dir: Path, name: str, batch: int) -> float:
-    scorer = LocalScorer(models_dir, name, "onnx", "cpu", batch, os.cpu_count() or 2)
+    scorer = LocalScorer(models_dir, name, "onnx", "cpu", batch, max(1, (os.cpu_count() or 2) - 1))
     start = time.perf_counter()
     count = sum(len(rows) for rows in scorer.score(paths, root))
     return count / (time.perf_counter() - start)

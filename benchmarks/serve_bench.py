@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serve_bench.py --concurrency 1 8 32 --seconds 20
 
 Starts the service itself twice on free loopback ports, batched (the defaults) and unbatched
-(``IMGCLF_MAX_BATCH_SIZE=1``), measures first the ceiling (the shipped model's own batched ONNX
+(``IMGCLF_BATCHING=0``), measures first the ceiling (the shipped model's own batched ONNX
 Runtime throughput on pre-decoded tensors, in this process) and then drives ``/classify`` (one
 32x32 JPEG per request) and ``/classify_batch`` (``--files`` JPEGs per request) with a bounded
 number of requests for a bounded time. ``--url`` measures an already running server instead.
@@ -79,6 +79,7 @@ async def drive(url: str, path: str, bodies: list[list[tuple[str, bytes]]], conc
 
     latencies: list[float] = []
     failures = 0
+    why: dict[str, int] = {}
     images = 0
     stop_at = time.perf_counter() + seconds
     sent = 0
@@ -96,13 +97,15 @@ async def drive(url: str, path: str, bodies: list[list[tuple[str, bytes]]], conc
                 async with session.post(url + path, data=form) as response:
                     await response.read()
                     ok = response.status == 200
-            except aiohttp.ClientError:
-                ok = False
+                    reason = str(response.status)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                ok, reason = False, type(exc).__name__
             if ok:
                 latencies.append(time.perf_counter() - began)
                 images += len(body)
             else:
                 failures += 1
+                why[reason] = why.get(reason, 0) + 1
 
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -113,16 +116,17 @@ async def drive(url: str, path: str, bodies: list[list[tuple[str, bytes]]], conc
     return {"path": path, "concurrency": concurrency, "requests": len(latencies), "failures": failures,
             "seconds": round(elapsed, 2), "requests_per_s": round(len(latencies) / elapsed, 1),
             "images_per_s": round(images / elapsed, 1), "p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "p95_ms": round(float(np.percentile(lat, 95)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
+            "p95_ms": round(float(np.percentile(lat, 95)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1), "failure_reasons": why}
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_bench-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--port", str(port), "--host", "127.0.0.1"],
-                            cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            cwd=REPO, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -133,7 +137,7 @@ def start_server(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise SystemExit("server did not start")
+    raise SystemExit(f"server did not start; see {log.name}")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -159,7 +163,7 @@ def main() -> None:
               "ceiling_images_per_s": round(ceiling(min(args.seconds, 10)), 1), "runs": []}
     print(f"ceiling (batched ONNX Runtime, pre-decoded): {report['ceiling_images_per_s']} images/s", flush=True)
     variants = {"given": {}} if args.url else {
-        "batched": {}, "unbatched": {"IMGCLF_MAX_BATCH_SIZE": "1"}}
+        "batched": {}, "unbatched": {"IMGCLF_BATCHING": "0"}}
     for name in ([*variants] if args.url else args.variants):
         proc = None
         if args.url:

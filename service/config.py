@@ -26,6 +26,7 @@ class Settings:
     default_model: str
     backend: str  # onnx | torchscript
     device: str  # auto | cpu | cuda
+    batching: bool  # adaptive batching on (default) or every request runs alone
     max_batch_size: int
     max_latency_ms: int
     max_body_bytes: int
@@ -34,6 +35,7 @@ class Settings:
     api_workers: int
     engine_threads: int  # 0: the runtime's default (all cores)
     timeout_s: int
+    access_log: bool  # one log line per request; off by default (no per-request log spam)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -44,7 +46,8 @@ class Settings:
             default_model=env("IMGCLF_DEFAULT_MODEL") or "cifar10",
             backend=env("IMGCLF_BACKEND") or "onnx",
             device=env("IMGCLF_DEVICE") or "auto",
-            max_batch_size=_int("IMGCLF_MAX_BATCH_SIZE", 128),
+            batching=_int("IMGCLF_BATCHING", 1) == 1,
+            max_batch_size=max(2, _int("IMGCLF_MAX_BATCH_SIZE", 128)),
             max_latency_ms=_int("IMGCLF_MAX_LATENCY_MS", 5000),
             max_body_bytes=_int("IMGCLF_MAX_BODY_BYTES", 8 * 1024 * 1024),
             max_pixels=_int("IMGCLF_MAX_PIXELS", 40_000_000),
@@ -52,4 +55,5 @@ class Settings:
             api_workers=_int("IMGCLF_API_WORKERS", 1),
             engine_threads=_int("IMGCLF_ENGINE_THREADS", 0),
             timeout_s=_int("IMGCLF_TIMEOUT_S", 30),
+            access_log=_int("IMGCLF_ACCESS_LOG", 0) == 1,
         )

@@ -166,6 +166,52 @@ def normalize(batch_uint8: np.ndarray, spec: InputSpec) -> np.ndarray:
     return (batch_uint8.astype(np.float32) / 255.0 - mean) / std
 
 
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a complete 3-component JPEG without EXIF data, else None.
+
+    These are the files the batched libjpeg-turbo path below decodes exactly like Pillow (same
+    library, same settings); anything else (EXIF orientation, CMYK, grayscale, truncated) goes
+    through :func:`decode_image`.
+    """
+    if not (data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")):
+        return None
+    pos = 2
+    while pos + 10 < len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xE1 and data[pos + 4:pos + 8] == b"Exif":
+            return None
+        if marker in SOF_MARKERS:
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return (height, width) if data[pos + 9] == 3 else None
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return None
+
+
+def decode_jpegs_at_size(blobs: Sequence[bytes], size: Sequence[int]) -> list[np.ndarray | None]:
+    """Batch-decode the plain JPEGs already at ``size`` with ``torchvision.io.decode_jpeg`` (one C++
+    call, ~4x faster than Pillow per small file); None marks a file for :func:`decode_image`."""
+    picked = [i for i, blob in enumerate(blobs) if plain_jpeg_size(blob) == tuple(size)]
+    out: list[np.ndarray | None] = [None] * len(blobs)
+    if not picked:
+        return out
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        decoded = decode_jpeg([torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in picked],
+                              mode=ImageReadMode.RGB)
+    except RuntimeError:  # a corrupt file in the batch: let Pillow sort them out one by one
+        return out
+    for i, image in zip(picked, decoded):
+        out[i] = image.numpy()
+    return out
+
+
 def load_file(path: str, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read one image file into a (3, H, W) uint8 array, as the service would see it."""
     with open(path, "rb") as handle:

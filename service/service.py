@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, List
 
+import aiohttp
 import bentoml
 import numpy as np
 from starlette.applications import Starlette
@@ -70,6 +71,10 @@ def load_cards(s: Settings) -> dict[str, dict[str, Any]]:
     workers=1,
     traffic={"timeout": settings.timeout_s},
     logging={"access": {"enabled": False}},
+    # BentoML's client to this service closes its whole connection pool every max_requests calls
+    # (default 100) or max_age seconds, failing the calls in flight on it ("Server disconnected")
+    # under concurrency. Keep the pool; _infer below also retries such a call.
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
 )
 class InferenceEngine:
     def __init__(self) -> None:
@@ -79,7 +84,7 @@ class InferenceEngine:
             logger.warning("engine ready: model=%s version=%s backend=%s device=%s", name, model.version,
                            model.backend_name, model.backend.device)
 
-    @bentoml.api(batchable=True, max_batch_size=settings.max_batch_size,
+    @bentoml.api(batchable=settings.batching, max_batch_size=settings.max_batch_size,
                  max_latency_ms=settings.max_latency_ms)
     def predict(self, requests: list[dict[str, Any]]) -> list[np.ndarray]:
         """Each request is ``{"model": name, "pixels": (3, H, W) uint8}``; returns probabilities."""
@@ -208,13 +213,24 @@ CARDS = load_cards(settings)
     name="image-classifier",
     workers=settings.api_workers,
     traffic={"timeout": settings.timeout_s},
-    logging={"access": {"enabled": False}},
+    logging={"access": {"enabled": settings.access_log}},
 )
 class ImageClassifier:
     engine = bentoml.depends(InferenceEngine)
 
     def __init__(self) -> None:
         self.cards = CARDS
+
+    async def _infer(self, items: list[dict[str, Any]]) -> list[np.ndarray]:
+        """Call the engine; inference is idempotent, so a dropped internal connection is retried."""
+        for attempt in range(3):
+            try:
+                return await self.engine.to_async.predict(items)
+            except aiohttp.ClientConnectionError:
+                if attempt == 2:
+                    raise
+                logger.warning("engine connection dropped; retrying (%d)", attempt + 1)
+        raise AssertionError("unreachable")
 
     def _check(self, model: str, top_k: int) -> JSONResponse | None:
         if model not in self.cards:
@@ -248,7 +264,7 @@ class ImageClassifier:
             pixels = await asyncio.to_thread(self._decode, image, card)
         except ImageError as exc:
             return error_response(400 if exc.error != "image_too_large" else 413, exc.error, exc.detail)
-        probabilities = await self.engine.to_async.predict([{"model": model, "pixels": pixels}])
+        probabilities = await self._infer([{"model": model, "pixels": pixels}])
         return self._result(card, probabilities[0], top_k)
 
     @bentoml.api(route="/classify_batch")
@@ -275,8 +291,7 @@ class ImageClassifier:
 
         decoded = await asyncio.gather(*(asyncio.to_thread(decode_one, p) for p in images))
         good = [d for d in decoded if isinstance(d, np.ndarray)]
-        probabilities = iter(await self.engine.to_async.predict(
-            [{"model": model, "pixels": d} for d in good]) if good else [])
+        probabilities = iter(await self._infer([{"model": model, "pixels": d} for d in good]) if good else [])
         results = [self._result(card, next(probabilities), top_k) if isinstance(d, np.ndarray)
                    else {"error": d.error, "detail": d.detail} for d in decoded]
         return {"model": model, "version": card["version"], "results": results}
