@@ -23,6 +23,7 @@ from typing import Any, List
 import aiohttp
 import bentoml
 import numpy as np
+from _bentoml_impl.serde import MultipartSerde  # patched below: no URL downloads (pinned bentoml)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -153,16 +154,11 @@ class Gatekeeper:
             elif held is not None and message["type"] == "http.response.body":
                 start, held = held, None
                 body = message.get("body", b"")
-                try:
-                    payload = json.loads(body)
-                    if isinstance(payload, dict) and "validation error" in str(payload.get("error")):
-                        error, detail = _validation_error(payload.get("detail"))
-                        REJECTED.labels(error=error).inc()
-                        body = json.dumps({"error": error, "detail": detail}).encode()
-                        start["headers"] = [(k, str(len(body)).encode() if k == b"content-length" else v)
-                                            for k, v in start["headers"]]
-                except ValueError:
-                    pass
+                rewritten = _normalize_400(body)
+                if rewritten is not None:
+                    body = rewritten
+                    start["headers"] = [(k, str(len(body)).encode() if k == b"content-length" else v)
+                                        for k, v in start["headers"]]
                 await send(start)
                 message = {**message, "body": body}
             await send(message)
@@ -176,6 +172,39 @@ class Gatekeeper:
         except Exception:
             logger.exception("request %s failed", request_id)
             raise
+
+
+NOT_A_FILE = "must be a file upload"
+
+
+def _normalize_400(body: bytes) -> bytes | None:
+    """Give BentoML's own 400 bodies our ``{"error": code, "detail": ...}`` shape (None: leave it)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], dict):
+        message = str(payload[0].get("error"))  # BentoML wraps its BadInput bodies in a list
+        error, detail = ("no_file" if NOT_A_FILE in message else "invalid_request"), message
+    elif isinstance(payload, dict) and "validation error" in str(payload.get("error")):
+        error, detail = _validation_error(payload.get("detail"))
+    else:
+        return None
+    REJECTED.labels(error=error).inc()
+    return json.dumps({"error": error, "detail": detail}).encode()
+
+
+async def _files_only(obj: Any) -> Any:
+    """Replaces BentoML's MultipartSerde.ensure_file, which downloads a text value given in a file
+    field as a URL: this service never fetches URLs on a client's behalf."""
+    from starlette.datastructures import UploadFile
+
+    if isinstance(obj, UploadFile):
+        return obj
+    raise bentoml.exceptions.BadInput(f"image fields {NOT_A_FILE} (multipart file); URLs are not fetched")
+
+
+MultipartSerde.ensure_file = staticmethod(_files_only)
 
 
 def _validation_error(detail: Any) -> tuple[str, Any]:

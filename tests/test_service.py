@@ -153,6 +153,7 @@ BAD_INPUTS = {
     "unknown_model": ({"image": ("x.png", encode(Image.new("RGB", (8, 8))))}, {"model": "imagenet"}, 404, "unknown_model"),
     "top_k_zero": ({"image": ("x.png", encode(Image.new("RGB", (8, 8))))}, {"top_k": "0"}, 400, "invalid_top_k"),
     "top_k_not_int": ({"image": ("x.png", encode(Image.new("RGB", (8, 8))))}, {"top_k": "many"}, 400, "invalid_request"),
+    "url_instead_of_file": ({}, {"image": "http://127.0.0.1:9/x.jpg"}, 400, "no_file"),
     "svg_text": ({"image": ("x.svg", b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml")}, {}, 400, "not_an_image"),
 }
 

@@ -103,17 +103,24 @@ def plot_curves(history: list[dict[str, float]], test_acc: float, title: str, pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for split, style in (("train", "-o"), ("val", "-s")):
         ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], style, label=split)
         ax_acc.plot(epochs, [100 * h[f"{split}_acc"] for h in history], style, label=split)
-    ax_acc.axhline(100 * test_acc, color="tab:red", linestyle="--", label="test (best val ckpt)")
-    ax_acc.text(epochs[0], 100 * test_acc + 0.5, f"test accuracy {100 * test_acc:.2f}%", color="tab:red")
+    ax_acc.axhline(100 * test_acc, color="tab:red", linestyle="--",
+                   label=f"test {100 * test_acc:.2f}% (best-val checkpoint)")
+    ax_acc.set_title(f"accuracy (test {100 * test_acc:.2f}%)")
+    head = [h["epoch"] for h in history if h.get("phase") == "head"]
+    if head:  # transfer learning: shade the head-only epochs
+        for ax in (ax_loss, ax_acc):
+            ax.axvspan(min(head) - 0.5, max(head) + 0.5, color="grey", alpha=0.12, label="head only")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
