@@ -328,3 +328,8 @@ class ImageClassifier:
 
 ImageClassifier.add_asgi_middleware(Gatekeeper, max_bytes=settings.max_body_bytes)
 ImageClassifier.mount_asgi_app(_models_app(CARDS), path="/models", name="models")
+
+# BentoML derives each response's media type by rebuilding the output's JSON schema on every call
+# (~17 % of the engine's CPU in a profile under load); every API here answers JSON, so say so once.
+for _api in (*InferenceEngine.apis.values(), *ImageClassifier.apis.values()):
+    _api.output_spec.media_type = "application/json"
