@@ -76,6 +76,8 @@ def test_imagenet_weights_load_from_the_hub_cache(tmp_path: Path, monkeypatch) -
 
 def test_missing_imagenet_weights_offline_is_a_clear_message(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for name in ("https_proxy", "HTTPS_PROXY"):  # offline on any machine: a closed loopback port
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
     with pytest.raises(PretrainedWeightsUnavailable, match="not in the torch hub cache"):
         imagenet_backbone("tv_resnet18", 2)
 

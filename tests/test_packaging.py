@@ -44,18 +44,15 @@ def dockerfile() -> str:
     return (REPO / "Dockerfile").read_text()
 
 
-def test_dockerfile_install_command_resolves() -> None:
-    """The Dockerfile's own pip line, resolved (not installed) against the package index."""
+def test_dockerfile_install_command_is_satisfied_offline() -> None:
+    """The Dockerfile's own pip line (same files, same flags), resolved with no index at all:
+    every requirement and constraint must be met by the pinned environment (nothing is fetched)."""
     line = next(l for l in dockerfile().splitlines() if l.startswith("RUN pip install"))
     args = line.split("pip install", 1)[1].split()
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed",
-                             "--quiet", "--report", "-", *args], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
-    if result.returncode != 0 and "Could not find a version" not in result.stderr and \
-            ("NewConnectionError" in result.stderr or "Network is unreachable" in result.stderr):
-        pytest.skip("no package index reachable from this machine")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert '"name": "bentoml"' in result.stdout.replace('"name":"', '"name": "')
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Would install" not in result.stdout  # the lock already pins everything it needs
 
 
 def test_entrypoint_serves_and_drains_on_sigterm(cifar_folder: Path) -> None:
