@@ -159,6 +159,16 @@ def image_to_uint8(image: Image.Image, size: Sequence[int]) -> np.ndarray:
     return np.asarray(resize_and_crop(image, size), dtype=np.uint8).transpose(2, 0, 1)
 
 
+def decode_or_error(data: bytes, size: Sequence[int],
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | ImageError:
+    """:func:`decode_image` + :func:`image_to_uint8`, with a bad file returned instead of raised, so
+    a batch of uploads or files carries on past it."""
+    try:
+        return image_to_uint8(decode_image(data, max_pixels), size)
+    except ImageError as exc:
+        return exc
+
+
 def normalize(batch_uint8: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(N, 3, H, W) uint8 -> float32 normalised with the card's mean/std."""
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)

@@ -166,6 +166,20 @@ def model_folders(models_dir: Path, names: list[str] | tuple[str, ...] | None = 
     return folders
 
 
+def load_cards(models_dir: Path, names: tuple[str, ...] | None, backend: str,
+               default_model: str) -> dict[str, dict[str, Any]]:
+    """Cards of the models to serve, every served artifact's hash checked, without loading any
+    runtime (the start-up check; a mismatch raises :class:`RegistryError`)."""
+    cards = {}
+    for folder in model_folders(models_dir, names):
+        card = read_card(folder)
+        verify_artifact(folder, card, backend)
+        cards[card["name"]] = card
+    if default_model not in cards:
+        raise RegistryError(f"default model {default_model!r} is not among {sorted(cards)}")
+    return cards
+
+
 def load_registry(models_dir: Path, backend: str = "onnx", device: str = "auto",
                   names: list[str] | None = None, threads: int = 0) -> dict[str, LoadedModel]:
     """Load every model under ``models_dir`` (or just ``names``); any bad artifact is fatal."""

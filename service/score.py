@@ -29,8 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from service.config import Settings
-from service.preprocess import ImageError, decode_image, decode_jpegs_at_size, image_to_uint8
-from service.registry import load_model
+from service.preprocess import ImageError, decode_jpegs_at_size, decode_or_error
+from service.registry import load_model, read_card, verify_artifact
 
 KAGGLE_NAME = re.compile(r"^([A-Za-z]+)\.\d+\.[A-Za-z]+$")
 
@@ -109,13 +109,9 @@ class LocalScorer:
         for blob in blobs:
             if isinstance(blob, ImageError):
                 out.append(blob)
-            elif (pixels := next(fast)) is not None:
-                out.append(pixels)
             else:
-                try:
-                    out.append(image_to_uint8(decode_image(blob), size))
-                except ImageError as exc:
-                    out.append(exc)
+                pixels = next(fast)
+                out.append(pixels if pixels is not None else decode_or_error(blob, size))
         return out
 
     def score(self, paths: Sequence[Path], root: Path) -> Iterator[list[Scored]]:
@@ -204,16 +200,15 @@ class RemoteScorer:
 
 def _ray_decode(batch: dict[str, np.ndarray], size: Sequence[int]) -> dict[str, np.ndarray]:
     """Ray Data task: bytes -> (3, H, W) uint8 with the service's decoder; failures become rows."""
-    from service.preprocess import decode_image, image_to_uint8
-
     n = len(batch["path"])
     pixels = np.zeros((n, 3, *size), dtype=np.uint8)
     errors, details = [""] * n, [""] * n
     for i, data in enumerate(batch["bytes"]):
-        try:
-            pixels[i] = image_to_uint8(decode_image(bytes(data)), size)
-        except ImageError as exc:
-            errors[i], details[i] = exc.error, exc.detail
+        result = decode_or_error(bytes(data), size)
+        if isinstance(result, ImageError):
+            errors[i], details[i] = result.error, result.detail
+        else:
+            pixels[i] = result
     return {"path": batch["path"], "pixels": pixels, "error": np.array(errors, dtype=object),
             "detail": np.array(details, dtype=object)}
 
@@ -248,7 +243,8 @@ class RayScorer:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
         self.model_dir = models_dir / model
-        self.card = load_model(self.model_dir, backend, "cpu").card  # also checks the hashes here
+        self.card = read_card(self.model_dir)
+        verify_artifact(self.model_dir, self.card, backend)  # fail here, not inside every actor
         self.backend, self.device = backend, device
         self.batch_size, self.actors = batch_size, actors
 

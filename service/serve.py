@@ -13,15 +13,13 @@ import shutil
 import sys
 
 from service.config import Settings
-from service.registry import RegistryError
+from service.registry import RegistryError, load_cards
 
 
 def main(argv: list[str]) -> None:
     settings = Settings.from_env()
     try:
-        from service.service import load_cards
-
-        cards = load_cards(settings)
+        cards = load_cards(settings.models_dir, settings.models, settings.backend, settings.default_model)
     except RegistryError as exc:
         print(f"imgclf: cannot start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

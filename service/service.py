@@ -31,8 +31,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
-from service.preprocess import ImageError, decode_image, image_to_uint8
-from service.registry import RegistryError, load_registry, model_folders, read_card, verify_artifact
+from service.preprocess import ImageError, decode_image, decode_or_error, image_to_uint8
+from service.registry import load_cards, load_registry
 
 settings = Settings.from_env()
 logger = logging.getLogger("imgclf.service")
@@ -49,22 +49,9 @@ REJECTED = bentoml.metrics.Counter(
     name="imgclf_rejected_total", documentation="Requests answered with a 4xx", labelnames=["error"])
 
 
-def error_response(status: int, error: str, detail: Any, count: bool = True) -> JSONResponse:
-    if count:
-        REJECTED.labels(error=error).inc()
+def error_response(status: int, error: str, detail: Any) -> JSONResponse:
+    REJECTED.labels(error=error).inc()
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
-def load_cards(s: Settings) -> dict[str, dict[str, Any]]:
-    """Cards of the served models, every artifact hash checked (a mismatch stops start-up)."""
-    cards = {}
-    for folder in model_folders(s.models_dir, s.models):
-        card = read_card(folder)
-        verify_artifact(folder, card, s.backend)
-        cards[card["name"]] = card
-    if s.default_model not in cards:
-        raise RegistryError(f"default model {s.default_model!r} is not among {sorted(cards)}")
-    return cards
 
 
 @bentoml.service(
@@ -116,20 +103,21 @@ class Gatekeeper:
         self.app = app
         self.max_bytes = max_bytes
 
+    def too_large(self) -> JSONResponse:
+        return error_response(413, "body_too_large",
+                              f"request body exceeds {self.max_bytes} bytes (IMGCLF_MAX_BODY_BYTES)")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
-        too_large = error_response(413, "body_too_large", f"request body exceeds {self.max_bytes} bytes "
-                                                          "(IMGCLF_MAX_BODY_BYTES)", count=False)
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
             declared = 0
         if declared > self.max_bytes:
-            REJECTED.labels(error="body_too_large").inc()
-            return await too_large(scope, receive, send)
+            return await self.too_large()(scope, receive, send)
         received = 0
         held: Message | None = None  # a 400 response start, until we have seen its body
         started = False
@@ -167,8 +155,7 @@ class Gatekeeper:
             await self.app(scope, counting_receive, tagging_send)
         except _BodyTooLarge:
             if not started:
-                REJECTED.labels(error="body_too_large").inc()
-                await too_large(scope, receive, send)
+                await self.too_large()(scope, receive, send)
         except Exception:
             logger.exception("request %s failed", request_id)
             raise
@@ -235,7 +222,7 @@ def _models_app(cards: dict[str, dict[str, Any]]) -> Starlette:
                              Route("/{name}", one_model, methods=["GET"])])
 
 
-CARDS = load_cards(settings)
+CARDS = load_cards(settings.models_dir, settings.models, settings.backend, settings.default_model)
 
 
 @bentoml.service(
@@ -313,10 +300,7 @@ class ImageClassifier:
         card = self.cards[model]
 
         def decode_one(path: Path) -> np.ndarray | ImageError:
-            try:
-                return self._decode(path, card)
-            except ImageError as exc:
-                return exc
+            return decode_or_error(path.read_bytes(), card["input"]["size"], settings.max_pixels)
 
         decoded = await asyncio.gather(*(asyncio.to_thread(decode_one, p) for p in images))
         good = [d for d in decoded if isinstance(d, np.ndarray)]

@@ -300,11 +300,11 @@ def densenet40(num_classes: int = 10) -> nn.Module:
     return DenseNet(6, 12, num_classes)
 
 
-def tv_resnet18(num_classes: int = 10) -> nn.Module:
+def tv_resnet18(num_classes: int = 10, weights=None) -> nn.Module:
     """torchvision's ImageNet ResNet-18 (7x7 stem, for 160-224 px photos) with a new head."""
     import torchvision
 
-    model = torchvision.models.resnet18(weights=None)
+    model = torchvision.models.resnet18(weights=weights, progress=False)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
@@ -336,7 +336,7 @@ def imagenet_backbone(name: str, num_classes: int) -> nn.Module:
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     cached = Path(get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     try:
-        model = torchvision.models.resnet18(weights=weights, progress=False)
+        return tv_resnet18(num_classes, weights)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError
         raise PretrainedWeightsUnavailable(
             f"ImageNet weights for {name} are not in the torch hub cache ({cached}) and could not be "
@@ -344,8 +344,6 @@ def imagenet_backbone(name: str, num_classes: int) -> nn.Module:
             "'import torchvision; torchvision.models.resnet18(weights=\"IMAGENET1K_V1\")', copy "
             f"{cached.name} into {cached.parent}, or train with --init-from a checkpoint of this project."
         ) from None
-    model.fc = nn.Linear(model.fc.in_features, num_classes)
-    return model
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
