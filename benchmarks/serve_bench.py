@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/serve_bench.py --concurrency 1 8 32 --seconds 20
 
-Starts the service itself twice on free loopback ports, batched (the defaults) and unbatched
-(``IMGCLF_BATCHING=0``), measures first the ceiling (the shipped model's own batched ONNX
-Runtime throughput on pre-decoded tensors, in this process) and then drives ``/classify`` (one
-32x32 JPEG per request) and ``/classify_batch`` (``--files`` JPEGs per request) with a bounded
-number of requests for a bounded time. ``--url`` measures an already running server instead.
-Only loopback addresses are accepted as targets. Results: a Markdown table on stdout and JSON in
-``--json``.
+Starts the service once per variant on a free loopback port (``VARIANTS``: models in the API
+process or in a separate engine service, adaptive batching on or off), measures first the
+ceiling (the served cifar10 model's own batched ONNX Runtime throughput on pre-decoded tensors,
+in this process) and then drives ``/classify`` (one 32x32 JPEG per request) and
+``/classify_batch`` (``--files`` JPEGs per request) with a bounded number of requests for a
+bounded time. ``--models-dir`` serves another registry (e.g. a ResNet-18 export, to compare with
+the figures in the issue); ``--url`` measures an already running server instead. Only loopback
+addresses are accepted as targets. Results: a Markdown table on stdout and JSON in ``--json``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from score_bench import ceiling  # noqa: E402  (the same ceiling as the scoring benchmark)
+
+VARIANTS = {
+    "inprocess": {"IMGCLF_ENGINE": "inprocess"},  # the default on CPU hosts
+    "inprocess-unbatched": {"IMGCLF_ENGINE": "inprocess", "IMGCLF_BATCHING": "0"},
+    "service": {"IMGCLF_ENGINE": "service"},  # the default on GPU hosts
+    "service-unbatched": {"IMGCLF_ENGINE": "service", "IMGCLF_BATCHING": "0"},
+}
 
 
 def sample_jpegs(count: int) -> list[bytes]:
@@ -50,20 +59,6 @@ def sample_jpegs(count: int) -> list[bytes]:
             Image.effect_noise((32, 32), 40 + i % 50).convert("RGB").save(buffer, "JPEG")
             out.append(buffer.getvalue())
         return out
-
-
-def ceiling(seconds: float, batch: int = 128) -> float:
-    """Images/s of the shipped cifar10 model alone: batched ONNX Runtime on pre-decoded uint8."""
-    from service.registry import load_model
-
-    model = load_model(REPO / "models" / "cifar10", "onnx", "cpu")
-    x = np.random.default_rng(0).integers(0, 256, (batch, 3, *model.spec.size), dtype=np.uint8)
-    model.predict(x)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        model.predict(x)
-        done += batch
-    return done / (time.perf_counter() - start)
 
 
 def require_loopback(url: str) -> None:
@@ -152,7 +147,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="per measurement")
     parser.add_argument("--max-requests", type=int, default=100_000, help="per measurement")
     parser.add_argument("--files", type=int, default=32, help="JPEGs per /classify_batch request")
-    parser.add_argument("--variants", nargs="+", default=["batched", "unbatched"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        default=["inprocess", "inprocess-unbatched", "service"])
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models")
+    parser.add_argument("--ceiling-images", type=int, default=20_000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -160,17 +158,16 @@ def main() -> None:
     single = [[("image", j)] for j in jpegs]
     multi = [[("images", jpegs[(i + k) % len(jpegs)]) for k in range(args.files)] for i in range(16)]
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-              "ceiling_images_per_s": round(ceiling(min(args.seconds, 10)), 1), "runs": []}
+              "models_dir": str(args.models_dir),
+              "ceiling_images_per_s": round(ceiling(args.models_dir / "cifar10", args.ceiling_images, 128), 1), "runs": []}
     print(f"ceiling (batched ONNX Runtime, pre-decoded): {report['ceiling_images_per_s']} images/s", flush=True)
-    variants = {"given": {}} if args.url else {
-        "batched": {}, "unbatched": {"IMGCLF_BATCHING": "0"}}
-    for name in ([*variants] if args.url else args.variants):
+    for name in (["given"] if args.url else args.variants):
         proc = None
         if args.url:
             require_loopback(args.url)
             url = args.url
         else:
-            proc, url = start_server(variants[name])
+            proc, url = start_server({**VARIANTS[name], "IMGCLF_MODELS_DIR": str(args.models_dir)})
         try:
             for path, bodies in (("/classify", single), ("/classify_batch", multi)):
                 for c in args.concurrency:
@@ -182,11 +179,12 @@ def main() -> None:
         finally:
             if proc:
                 stop_server(proc)
-    print("\n| variant | endpoint | concurrency | requests/s | images/s | p50 ms | p95 ms | p99 ms | failed |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| variant | endpoint | concurrency | requests/s | images/s | vs ceiling | p50 ms | p95 ms | p99 ms | failed |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in report["runs"]:
+        share = r["images_per_s"] / report["ceiling_images_per_s"]
         print(f"| {r['variant']} | {r['path']} | {r['concurrency']} | {r['requests_per_s']} | {r['images_per_s']} "
-              f"| {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['failures']} |")
+              f"| {share:.2f} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['failures']} |")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

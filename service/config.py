@@ -19,6 +19,13 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name}={raw!r} is not an integer") from None
 
 
+def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = os.environ.get(name) or default
+    if raw not in allowed:
+        raise SystemExit(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path
@@ -26,6 +33,7 @@ class Settings:
     default_model: str
     backend: str  # onnx | torchscript
     device: str  # auto | cpu | cuda
+    engine: str  # auto | inprocess | service: where the models run (see service/service.py)
     batching: bool  # adaptive batching on (default) or every request runs alone
     max_batch_size: int
     max_latency_ms: int
@@ -36,6 +44,8 @@ class Settings:
     engine_threads: int  # 0: the runtime's default (all cores)
     timeout_s: int
     access_log: bool  # one log line per request; off by default (no per-request log spam)
+    log_format: str  # json | text (our own log lines; BentoML keeps its format)
+    log_level: str
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -44,8 +54,9 @@ class Settings:
             models_dir=Path(env("IMGCLF_MODELS_DIR") or REPO_ROOT / "models"),
             models=tuple(m for m in (env("IMGCLF_MODELS") or "").split(",") if m),
             default_model=env("IMGCLF_DEFAULT_MODEL") or "cifar10",
-            backend=env("IMGCLF_BACKEND") or "onnx",
-            device=env("IMGCLF_DEVICE") or "auto",
+            backend=_choice("IMGCLF_BACKEND", "onnx", ("onnx", "torchscript")),
+            device=_choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda")),
+            engine=_choice("IMGCLF_ENGINE", "auto", ("auto", "inprocess", "service")),
             batching=_int("IMGCLF_BATCHING", 1) == 1,
             max_batch_size=max(2, _int("IMGCLF_MAX_BATCH_SIZE", 128)),
             max_latency_ms=_int("IMGCLF_MAX_LATENCY_MS", 5000),
@@ -56,4 +67,6 @@ class Settings:
             engine_threads=_int("IMGCLF_ENGINE_THREADS", 0),
             timeout_s=_int("IMGCLF_TIMEOUT_S", 30),
             access_log=_int("IMGCLF_ACCESS_LOG", 0) == 1,
+            log_format=_choice("IMGCLF_LOG_FORMAT", "json", ("json", "text")),
+            log_level=_choice("IMGCLF_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         )

@@ -48,7 +48,7 @@ class OnnxBackend:
 
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available and _cuda_usable():
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available and cuda_usable():
             providers.insert(0, "CUDAExecutionProvider")
         elif device == "cuda":
             raise RegistryError("IMGCLF_DEVICE=cuda but ONNX Runtime has no usable CUDA provider")
@@ -88,7 +88,7 @@ class TorchScriptBackend:
             return self.module(x).float().cpu().numpy()
 
 
-def _cuda_usable() -> bool:
+def cuda_usable() -> bool:
     try:
         import torch
 

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.config import Settings
-from service.preprocess import ImageError, decode_jpegs_at_size, decode_or_error
+from service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_jpegs_at_size, decode_or_error
 from service.registry import load_model, read_card, verify_artifact
 
 KAGGLE_NAME = re.compile(r"^([A-Za-z]+)\.\d+\.[A-Za-z]+$")
@@ -87,10 +87,11 @@ class LocalScorer:
     at the model's size go through batched libjpeg-turbo, everything else through Pillow."""
 
     def __init__(self, models_dir: Path, model: str, backend: str, device: str, batch_size: int,
-                 workers: int) -> None:
+                 workers: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.model = load_model(models_dir / model, backend, device)
         self.card = self.model.card
         self.batch_size = batch_size
+        self.max_pixels = max_pixels
         self.workers = workers
         self.pool = ThreadPoolExecutor(workers)
         import torchvision.io  # noqa: F401  (imported here, not in the first decode task: ~2 s)
@@ -111,7 +112,7 @@ class LocalScorer:
                 out.append(blob)
             else:
                 pixels = next(fast)
-                out.append(pixels if pixels is not None else decode_or_error(blob, size))
+                out.append(pixels if pixels is not None else decode_or_error(blob, size, self.max_pixels))
         return out
 
     def score(self, paths: Sequence[Path], root: Path) -> Iterator[list[Scored]]:
@@ -198,13 +199,13 @@ class RemoteScorer:
         loop.close()
 
 
-def _ray_decode(batch: dict[str, np.ndarray], size: Sequence[int]) -> dict[str, np.ndarray]:
+def _ray_decode(batch: dict[str, np.ndarray], size: Sequence[int], max_pixels: int) -> dict[str, np.ndarray]:
     """Ray Data task: bytes -> (3, H, W) uint8 with the service's decoder; failures become rows."""
     n = len(batch["path"])
     pixels = np.zeros((n, 3, *size), dtype=np.uint8)
     errors, details = [""] * n, [""] * n
     for i, data in enumerate(batch["bytes"]):
-        result = decode_or_error(bytes(data), size)
+        result = decode_or_error(bytes(data), size, max_pixels)
         if isinstance(result, ImageError):
             errors[i], details[i] = result.error, result.detail
         else:
@@ -237,7 +238,7 @@ class RayScorer:
     """
 
     def __init__(self, models_dir: Path, model: str, backend: str, device: str, batch_size: int,
-                 actors: int) -> None:
+                 actors: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -246,7 +247,7 @@ class RayScorer:
         self.card = read_card(self.model_dir)
         verify_artifact(self.model_dir, self.card, backend)  # fail here, not inside every actor
         self.backend, self.device = backend, device
-        self.batch_size, self.actors = batch_size, actors
+        self.batch_size, self.actors, self.max_pixels = batch_size, actors, max_pixels
 
     def score(self, paths: Sequence[Path], root: Path) -> Iterator[list[Scored]]:
         import ray
@@ -254,7 +255,7 @@ class RayScorer:
         gpus = ray.cluster_resources().get("GPU", 0)
         ds = ray.data.read_binary_files([str(p) for p in paths], include_paths=True)
         # decoding runs as stateless tasks on any free CPU; the model lives in a pool of actors
-        ds = ds.map_batches(_ray_decode, fn_kwargs={"size": self.card["input"]["size"]},
+        ds = ds.map_batches(_ray_decode, fn_kwargs={"size": self.card["input"]["size"], "max_pixels": self.max_pixels},
                             batch_size=self.batch_size, batch_format="numpy")
         ds = ds.map_batches(_RayPredict, fn_constructor_kwargs={
                                 "model_dir": str(self.model_dir), "backend": self.backend,
@@ -399,10 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                                    args.concurrency)
     elif args.engine == "ray":
         scorer = RayScorer(args.models_dir, args.model, args.backend, args.device, args.batch_size,
-                           args.actors)
+                           args.actors, settings.max_pixels)
     else:
         scorer = LocalScorer(args.models_dir, args.model, args.backend, args.device, args.batch_size,
-                             args.workers)
+                             args.workers, settings.max_pixels)
     card = scorer.card
     classes: list[str] = card["classes"]
     if args.kaggle and "dog" not in classes:

@@ -1,11 +1,15 @@
 """The BentoML service: ``POST /classify``, ``POST /classify_batch``, ``GET /models``.
 
-Two services, the pattern BentoML recommends for GPU serving:
-  * ``ImageClassifier`` (the entry point, CPU): parses uploads, validates and decodes images in
-    threads, answers bad input with a 4xx ``{"error", "detail"}`` body, shapes the responses.
-  * ``InferenceEngine`` (one worker, owns the GPU when there is one): an adaptive-batching API
-    (``batchable=True``) that stacks the preprocessed images of concurrent requests into one batch
-    per model and runs it through ONNX Runtime or TorchScript.
+* ``ImageClassifier`` (the entry point): parses uploads, validates and decodes images in threads,
+  answers bad input with a 4xx ``{"error", "detail"}`` body, shapes the responses.
+* The models run where ``IMGCLF_ENGINE`` says (``auto``: ``service`` when CUDA is usable, else
+  ``inprocess``):
+  - ``service``, the pattern BentoML recommends for GPU serving: ``InferenceEngine``, a separate
+    one-worker service that owns the GPU, with an adaptive-batching API (``batchable=True``) that
+    stacks the images of concurrent requests from every API worker into one batch per model;
+  - ``inprocess``, for CPU hosts: :class:`InProcessEngine` batches concurrent requests inside the
+    API process. On a CPU the second hop (HTTP, pickling, BentoML's middleware twice) costs more
+    CPU per request than a small model does (docs/BENCHMARKS.md).
 
 Settings come from environment variables (``service/config.py``, listed in README).
 """
@@ -32,10 +36,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.preprocess import ImageError, decode_image, decode_or_error, image_to_uint8
-from service.registry import load_cards, load_registry
+from service.logs import configure_logging, request_id
+from service.registry import LoadedModel, cuda_usable, load_cards, load_registry
 
 settings = Settings.from_env()
+configure_logging(settings.log_format, settings.log_level)
 logger = logging.getLogger("imgclf.service")
+ENGINE = settings.engine if settings.engine != "auto" else (
+    "service" if settings.device != "cpu" and cuda_usable() else "inprocess")
 
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="imgclf_model_batch_size",
@@ -51,6 +59,7 @@ REJECTED = bentoml.metrics.Counter(
 
 def error_response(status: int, error: str, detail: Any) -> JSONResponse:
     REJECTED.labels(error=error).inc()
+    logger.debug("answered %d %s: %s", status, error, detail)
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
 
 
@@ -66,28 +75,81 @@ def error_response(status: int, error: str, detail: Any) -> JSONResponse:
 )
 class InferenceEngine:
     def __init__(self) -> None:
-        self.models = load_registry(settings.models_dir, settings.backend, settings.device,
-                                    list(settings.models) or None, settings.engine_threads)
-        for name, model in self.models.items():
-            logger.warning("engine ready: model=%s version=%s backend=%s device=%s", name, model.version,
-                           model.backend_name, model.backend.device)
+        self.models = load_models()
 
     @bentoml.api(batchable=settings.batching, max_batch_size=settings.max_batch_size,
                  max_latency_ms=settings.max_latency_ms)
     def predict(self, requests: list[dict[str, Any]]) -> list[np.ndarray]:
         """Each request is ``{"model": name, "pixels": (3, H, W) uint8}``; returns probabilities."""
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, request in enumerate(requests):
-            groups[request["model"]].append(i)
-        out: list[np.ndarray] = [np.empty(0)] * len(requests)
-        for name, index in groups.items():
-            batch = np.stack([requests[i]["pixels"] for i in index])
-            probabilities = self.models[name].predict(batch)
-            BATCH_SIZE.labels(model=name).observe(len(index))
-            IMAGES.labels(model=name).inc(len(index))
-            for row, i in zip(probabilities, index):
-                out[i] = row
-        return out
+        return run_batch(self.models, requests)
+
+
+def load_models() -> dict[str, LoadedModel]:
+    models = load_registry(settings.models_dir, settings.backend, settings.device,
+                           list(settings.models) or None, settings.engine_threads)
+    for name, model in models.items():
+        logger.info("model ready: model=%s version=%s backend=%s device=%s engine=%s", name,
+                    model.version, model.backend_name, model.backend.device, ENGINE)
+    return models
+
+
+def run_batch(models: dict[str, LoadedModel], requests: list[dict[str, Any]]) -> list[np.ndarray]:
+    """Probabilities for each ``{"model": name, "pixels": (3, H, W) uint8}``: one model call per
+    model named in the batch."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, request in enumerate(requests):
+        groups[request["model"]].append(i)
+    out: list[np.ndarray] = [np.empty(0)] * len(requests)
+    for name, index in groups.items():
+        batch = np.stack([requests[i]["pixels"] for i in index])
+        probabilities = models[name].predict(batch)
+        BATCH_SIZE.labels(model=name).observe(len(index))
+        IMAGES.labels(model=name).inc(len(index))
+        for row, i in zip(probabilities, index):
+            out[i] = row
+    return out
+
+
+class InProcessEngine:
+    """Adaptive batching inside the API process. Requests queue while a batch runs; the next batch
+    takes everything queued (up to ``max_batch_size``), so batches grow with load and a lone
+    request never waits for company. Unbatched (``IMGCLF_BATCHING=0``): each call runs alone."""
+
+    def __init__(self, models: dict[str, LoadedModel], max_batch_size: int, batching: bool) -> None:
+        self.models = models
+        self.max_batch_size = max_batch_size
+        self.batching = batching
+        self.queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[np.ndarray]]] | None = None
+        self.worker: asyncio.Task[None] | None = None
+
+    async def predict(self, items: list[dict[str, Any]]) -> list[np.ndarray]:
+        if not self.batching:
+            return await asyncio.to_thread(run_batch, self.models, items)
+        loop = asyncio.get_running_loop()
+        if self.queue is None:  # made on the serving event loop, at the first request
+            self.queue = asyncio.Queue()
+            self.worker = loop.create_task(self._run(self.queue))
+        futures = [loop.create_future() for _ in items]
+        for item, future in zip(items, futures):
+            self.queue.put_nowait((item, future))
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self, queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[np.ndarray]]]) -> None:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < self.max_batch_size and not queue.empty():
+                batch.append(queue.get_nowait())
+            try:
+                rows = await asyncio.to_thread(run_batch, self.models, [item for item, _ in batch])
+            except Exception as exc:  # each waiting request fails with it; the engine lives on
+                rows = [exc] * len(batch)
+            for (_, future), row in zip(batch, rows):
+                if future.done():  # its request was cancelled (client gone)
+                    continue
+                if isinstance(row, Exception):
+                    future.set_exception(row)
+                else:
+                    future.set_result(row)
 
 
 class Gatekeeper:
@@ -111,7 +173,15 @@ class Gatekeeper:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        token = request_id.set(rid)
+        try:
+            await self.handle(scope, receive, send, headers, rid)
+        finally:
+            request_id.reset(token)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes],
+                     rid: str) -> None:
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
@@ -135,7 +205,7 @@ class Gatekeeper:
             nonlocal held, started
             if message["type"] == "http.response.start":
                 started = True
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode("latin-1")))
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode("latin-1")))
                 if message["status"] == 400:
                     held = message
                     return
@@ -157,7 +227,7 @@ class Gatekeeper:
             if not started:
                 await self.too_large()(scope, receive, send)
         except Exception:
-            logger.exception("request %s failed", request_id)
+            logger.exception("request failed")
             raise
 
 
@@ -232,13 +302,21 @@ CARDS = load_cards(settings.models_dir, settings.models, settings.backend, setti
     logging={"access": {"enabled": settings.access_log}},
 )
 class ImageClassifier:
-    engine = bentoml.depends(InferenceEngine)
+    if ENGINE == "service":
+        engine = bentoml.depends(InferenceEngine)
 
     def __init__(self) -> None:
         self.cards = CARDS
+        self.in_process = None
+        if ENGINE == "inprocess":
+            self.in_process = InProcessEngine(load_models(), settings.max_batch_size, settings.batching)
+        else:
+            logger.info("models run in the inference-engine service (engine=service)")
 
     async def _infer(self, items: list[dict[str, Any]]) -> list[np.ndarray]:
-        """Call the engine; inference is idempotent, so a dropped internal connection is retried."""
+        """Run the models; inference is idempotent, so a dropped engine connection is retried."""
+        if self.in_process is not None:
+            return await self.in_process.predict(items)
         for attempt in range(3):
             try:
                 return await self.engine.to_async.predict(items)

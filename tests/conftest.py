@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -71,10 +72,15 @@ class Server:
         self.stop()
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.output()}")
 
-    def output(self) -> str:
+    def output(self, tail: int = 5000) -> str:
         self.log.flush()
         self.log.seek(0)
-        return self.log.read()[-5000:]
+        return self.log.read()[-tail:]
+
+    def log_records(self) -> list[dict]:
+        """The service's own JSON log lines (BentoML's lines are plain text)."""
+        lines = (line for line in self.output(tail=10**7).splitlines() if line.startswith('{"time"'))
+        return [json.loads(line) for line in lines]
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -89,8 +95,18 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    """The real BentoML server with the models shipped in models/."""
+    """The real BentoML server with the models shipped in models/ (on this CPU machine the models
+    run in the API process: IMGCLF_ENGINE=auto)."""
     srv = Server({"IMGCLF_MODELS_DIR": str(SHIPPED_MODELS),
                   "IMGCLF_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def engine_service_server() -> Iterator[Server]:
+    """The same, with the models in a separate engine service (the GPU-host layout) and debug logs."""
+    srv = Server({"IMGCLF_MODELS_DIR": str(SHIPPED_MODELS), "IMGCLF_ENGINE": "service",
+                  "IMGCLF_LOG_LEVEL": "DEBUG"})
     yield srv
     srv.stop()

@@ -85,6 +85,19 @@ def test_symlink_leading_outside_is_not_followed(tmp_path: Path, cifar_folder: P
         "a.jpg", "sub/inside_link.jpg"]
 
 
+def test_pixel_limit_comes_from_the_service_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (300, 300), "red").save(tmp_path / "in" / "big.png")
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "in" / "small.png")
+    monkeypatch.setenv("IMGCLF_MAX_PIXELS", "10000")
+    out = tmp_path / "pred.csv"
+    assert score.main([str(tmp_path / "in"), "--out", str(out), "--models-dir", str(SHIPPED_MODELS)]) == 1
+    assert [r["path"] for r in read_csv(out)] == ["small.png"]
+    assert [(r["path"], r["error"]) for r in read_csv(tmp_path / "pred.errors.csv")] == [("big.png", "image_too_large")]
+
+
 def test_kaggle_label_parsing() -> None:
     classes = ["cat", "dog"]
     assert score.true_label(Path("train/dog.12.jpg"), classes) == "dog"

@@ -75,7 +75,10 @@ def test_classify_batch_keeps_order_and_reports_bad_files(server: Server, cifar_
         assert got["probabilities"]["cat"] == pytest.approx(single["probabilities"]["cat"], abs=1e-5)
 
 
-def test_concurrent_requests_run_as_batches(server: Server, cifar_samples) -> None:
+@pytest.mark.parametrize("layout", ["server", "engine_service_server"])
+def test_concurrent_requests_run_as_batches(request: pytest.FixtureRequest, layout: str, cifar_samples) -> None:
+    server = request.getfixturevalue(layout)
+
     def batch_histogram() -> dict[str, float]:
         text = httpx.get(server.url + "/metrics").text
         return {m[0]: float(m[1]) for m in re.findall(
@@ -91,6 +94,34 @@ def test_concurrent_requests_run_as_batches(server: Server, cifar_samples) -> No
     single = after["1.0"] - before.get("1.0", 0)
     assert batches < len(codes)  # 200 requests were served by fewer model calls
     assert batches - single >= 1  # and at least one batch held several images
+
+
+def test_both_engine_layouts_give_the_same_answer(server: Server, engine_service_server: Server,
+                                                 cifar_samples) -> None:
+    for _, data in cifar_samples[::10]:
+        here = post(server, {"image": ("x.jpg", data)}).json()
+        there = post(engine_service_server, {"image": ("x.jpg", data)}).json()
+        assert here["label"] == there["label"]
+        assert here["probabilities"] == pytest.approx(there["probabilities"], abs=1e-6)
+
+
+def test_in_process_engine_survives_a_failing_batch() -> None:
+    import asyncio
+
+    from service.registry import load_model
+    from service.service import InProcessEngine
+
+    engine = InProcessEngine({"cifar10": load_model(SHIPPED_MODELS / "cifar10", "onnx", "cpu")},
+                             max_batch_size=8, batching=True)
+    good = {"model": "cifar10", "pixels": np.zeros((3, 32, 32), np.uint8)}
+
+    async def scenario() -> list:
+        with pytest.raises(KeyError):
+            await engine.predict([{"model": "not-loaded", "pixels": good["pixels"]}])
+        return await asyncio.gather(*(engine.predict([good]) for _ in range(20)))
+
+    rows = asyncio.run(scenario())
+    assert len(rows) == 20 and all(r[0].shape == (10,) for r in rows)
 
 
 def test_models_endpoint_lists_cards(server: Server) -> None:
@@ -264,3 +295,35 @@ def test_request_ids_are_returned(server: Server) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
     echoed = httpx.post(server.url + "/classify", files=image, headers={"X-Request-ID": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
+
+
+def test_startup_logs_name_engine_backend_and_device(server: Server, engine_service_server: Server) -> None:
+    ready = [r["message"] for r in server.log_records() if r["message"].startswith("model ready")]
+    assert any("model=cifar10" in m and "backend=onnx device=cpu engine=inprocess" in m for m in ready), ready
+    ready = [r["message"] for r in engine_service_server.log_records() if r["message"].startswith("model ready")]
+    assert any("model=cifar10" in m and "engine=service" in m for m in ready), ready
+
+
+def test_debug_logs_carry_the_request_id(engine_service_server: Server) -> None:
+    httpx.post(engine_service_server.url + "/classify", files={"image": ("x.txt", b"plain text")},
+               headers={"X-Request-ID": "trace-me-42"})
+    mine = [r for r in engine_service_server.log_records() if r.get("request_id") == "trace-me-42"]
+    assert mine and "not_an_image" in mine[0]["message"] and mine[0]["level"] == "DEBUG"
+
+
+def test_no_per_request_log_lines_by_default(server: Server) -> None:
+    """Runs after the bad-input cases above: at the default level nothing is logged per request."""
+    assert [r for r in server.log_records() if "request_id" in r] == []
+
+
+def test_load_generator_runs_against_the_server(server: Server, tmp_path: Path) -> None:
+    """benchmarks/serve_bench.py works (its figures live in docs/BENCHMARKS.md, not here)."""
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_bench.py"), "--url", server.url,
+                    "--concurrency", "4", "--seconds", "1", "--files", "4", "--ceiling-images", "256",
+                    "--json", str(out)], check=True, capture_output=True, timeout=300)
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["path"] for r in runs] == ["/classify", "/classify_batch"]
+    assert all(r["requests"] > 0 and r["failures"] == 0 for r in runs)
+    batch = runs[1]
+    assert batch["images_per_s"] == pytest.approx(4 * batch["requests_per_s"], rel=0.01)
