@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,6 @@ import numpy as np
 
 from service.preprocess import InputSpec, normalize
 
-logger = logging.getLogger("imgclf.registry")
 BACKENDS = ("onnx", "torchscript")
 
 
@@ -187,10 +184,4 @@ def load_registry(models_dir: Path, backend: str = "onnx", device: str = "auto",
     for folder in model_folders(models_dir, names):
         model = load_model(folder, backend, device, threads)
         models[model.name] = model
-        logger.info("loaded model %s v%s (%s on %s, %d classes)", model.name, model.version,
-                    backend, model.backend.device, len(model.classes))
     return models
-
-
-def default_models_dir() -> Path:
-    return Path(os.environ.get("IMGCLF_MODELS_DIR", Path(__file__).resolve().parent.parent / "models"))

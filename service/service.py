@@ -35,7 +35,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
-from service.preprocess import ImageError, decode_image, decode_or_error, image_to_uint8
+from service.preprocess import ImageError, decode_or_error
 from service.logs import configure_logging, request_id
 from service.registry import LoadedModel, cuda_usable, load_cards, load_registry
 
@@ -333,9 +333,6 @@ class ImageClassifier:
             return error_response(400, "invalid_top_k", f"top_k must be at least 1, got {top_k}")
         return None
 
-    def _decode(self, path: Path, card: dict[str, Any]) -> np.ndarray:
-        return image_to_uint8(decode_image(path.read_bytes(), settings.max_pixels), card["input"]["size"])
-
     def _result(self, card: dict[str, Any], probabilities: np.ndarray, top_k: int) -> dict[str, Any]:
         classes = card["classes"]
         order = np.argsort(-probabilities, kind="stable")[: min(top_k, len(classes))]
@@ -347,6 +344,10 @@ class ImageClassifier:
             "top_k": [{"label": classes[int(i)], "probability": float(probabilities[i])} for i in order],
         }
 
+    def _decode(self, path: Path, card: dict[str, Any]) -> np.ndarray | ImageError:
+        """Read and decode one upload (in a thread); a bad image is returned, not raised."""
+        return decode_or_error(path.read_bytes(), card["input"]["size"], settings.max_pixels)
+
     @bentoml.api(route="/classify")
     async def classify(self, image: Path, model: str = settings.default_model,
                        top_k: int = 5) -> dict[str, Any]:
@@ -354,10 +355,9 @@ class ImageClassifier:
         if (bad := self._check(model, top_k)) is not None:
             return bad
         card = self.cards[model]
-        try:
-            pixels = await asyncio.to_thread(self._decode, image, card)
-        except ImageError as exc:
-            return error_response(400 if exc.error != "image_too_large" else 413, exc.error, exc.detail)
+        pixels = await asyncio.to_thread(self._decode, image, card)
+        if isinstance(pixels, ImageError):
+            return error_response(400 if pixels.error != "image_too_large" else 413, pixels.error, pixels.detail)
         probabilities = await self._infer([{"model": model, "pixels": pixels}])
         return self._result(card, probabilities[0], top_k)
 
@@ -377,10 +377,7 @@ class ImageClassifier:
                                   f"{len(images)} files; the limit is {settings.max_files} (IMGCLF_MAX_FILES)")
         card = self.cards[model]
 
-        def decode_one(path: Path) -> np.ndarray | ImageError:
-            return decode_or_error(path.read_bytes(), card["input"]["size"], settings.max_pixels)
-
-        decoded = await asyncio.gather(*(asyncio.to_thread(decode_one, p) for p in images))
+        decoded = await asyncio.gather(*(asyncio.to_thread(self._decode, p, card) for p in images))
         good = [d for d in decoded if isinstance(d, np.ndarray)]
         probabilities = iter(await self._infer([{"model": model, "pixels": d} for d in good]) if good else [])
         results = [self._result(card, next(probabilities), top_k) if isinstance(d, np.ndarray)
