@@ -119,3 +119,19 @@ def test_export_refuses_when_parity_fails(tiny_run: Path, tmp_path: Path) -> Non
     with pytest.raises(SystemExit, match="parity check failed"):
         export(tiny_run, "cifar10", tmp_path, tolerance=-1.0, parity_count=16)
     assert not (tmp_path / "cifar10").exists()  # nothing half-written lands in the registry
+
+
+def test_flip_tta_export_is_mirror_invariant_and_remeasured(tiny_run: Path, tmp_path: Path) -> None:
+    from training.export import export
+
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    target = export(tiny_run, "cifar10", tmp_path, tolerance=1e-4, parity_count=64, tta_mode="flip")
+    card = json.loads((target / "card.json").read_text())
+    tta = card["test_time_augmentation"]
+    assert tta["test_accuracy_without"] == metrics["test_accuracy"]
+    assert card["metrics"]["test_accuracy"] != metrics["test_accuracy"]  # re-measured on 10,000 images
+    session = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    plain = session.run(None, {"input": x})[0]
+    mirrored = session.run(None, {"input": np.ascontiguousarray(x[..., ::-1])})[0]
+    assert np.allclose(plain, mirrored, atol=1e-5)  # the graph averages an image with its mirror
