@@ -135,3 +135,16 @@ def test_flip_tta_export_is_mirror_invariant_and_remeasured(tiny_run: Path, tmp_
     plain = session.run(None, {"input": x})[0]
     mirrored = session.run(None, {"input": np.ascontiguousarray(x[..., ::-1])})[0]
     assert np.allclose(plain, mirrored, atol=1e-5)  # the graph averages an image with its mirror
+
+
+def test_lenet_at_224_exports_to_onnx_exactly(tmp_path: Path) -> None:
+    """LeNet's adaptive pool (53 -> 5 at 224x224) has no ONNX operator; export swaps in matrices."""
+    from training.export import export_onnx, onnx_exportable
+
+    model = build_model("lenet5", 2).eval()
+    x = torch.randn(3, 3, 224, 224)
+    export_onnx(onnx_exportable(model, x[:2]), x[:2], tmp_path / "lenet.onnx")
+    session = ort.InferenceSession(str(tmp_path / "lenet.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-5)

@@ -15,6 +15,7 @@ card's accuracies are re-measured for the graph that ships; the test split decid
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import shutil
@@ -48,6 +49,49 @@ class FlipAverage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.model(x) + self.model(x.flip(3))) / 2
+
+
+class FixedSizeAdaptiveAvgPool(nn.Module):
+    """``adaptive_avg_pool2d`` for one input size, as two averaging matrices. ONNX has no adaptive
+    pooling whose output size does not divide the input size (LeNet at 224x224 pools 53 -> 5)."""
+
+    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("rows", self.bins(in_size[0], out_size[0]))
+        self.register_buffer("cols", self.bins(in_size[1], out_size[1]).T.contiguous())
+
+    @staticmethod
+    def bins(n_in: int, n_out: int) -> torch.Tensor:
+        """(n_out, n_in) matrix averaging PyTorch's adaptive bins: [floor(i*n/m), ceil((i+1)*n/m))."""
+        matrix = torch.zeros(n_out, n_in)
+        for i in range(n_out):
+            start, end = i * n_in // n_out, -(-(i + 1) * n_in // n_out)
+            matrix[i, start:end] = 1.0 / (end - start)
+        return matrix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols
+
+
+def onnx_exportable(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose adaptive average pools that ONNX cannot express are replaced by
+    :class:`FixedSizeAdaptiveAvgPool` for the input size of ``example`` (the card's size)."""
+    model = copy.deepcopy(model)
+    shapes: dict[str, tuple[int, int]] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: shapes.update({name: args[0].shape[-2:]}))
+             for name, module in model.named_modules() if isinstance(module, nn.AdaptiveAvgPool2d)]
+    with torch.no_grad():
+        model(example)
+    for hook in hooks:
+        hook.remove()
+    for name, in_size in shapes.items():
+        pool = model.get_submodule(name)
+        out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
+        out = tuple(o or i for o, i in zip(out, in_size))  # None keeps that dimension
+        if any(i % o for i, o in zip(in_size, out)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FixedSizeAdaptiveAvgPool(tuple(in_size), out))
+    return model
 
 
 class WithSoftmax(nn.Module):
@@ -172,9 +216,11 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the registry is read by the service user
     try:
         artifacts = {"onnx": staging / ONNX_FILE, "torchscript": staging / TORCHSCRIPT_FILE}
-        quiet(export_onnx, model, example, artifacts["onnx"])
+        exportable = onnx_exportable(model, example)
+        quiet(export_onnx, exportable, example, artifacts["onnx"])
         with torch.no_grad():
-            quiet(torch.jit.trace, model, example).save(str(artifacts["torchscript"]))
+            quiet(torch.jit.trace, exportable, example).save(str(artifacts["torchscript"]))
+        # against the original model, so a replaced pool must match it too
         parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
         card = build_card(name, ckpt, metrics, artifacts, parity, tta)
         (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
