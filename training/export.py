@@ -111,9 +111,11 @@ def load_checkpoint(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str,
     return model.eval(), ckpt, metrics
 
 
-def load_data(dataset: str, size: list[int]) -> Dataset:
-    """The training run's own split (same seed), decoded at the checkpoint's input size."""
-    return load_cifar10() if dataset == "cifar10" else load_catsdogs(size=size[0])
+def load_data(dataset: str, spec: InputSpec) -> Dataset:
+    """The training run's own split (same seed) at the checkpoint's input size and statistics."""
+    data = load_cifar10() if dataset == "cifar10" else load_catsdogs(size=spec.size[0])
+    data.mean, data.std = spec.mean, spec.std  # e.g. ImageNet statistics for a pretrained backbone
+    return data
 
 
 def apply_tta(model: nn.Module, data: Dataset, mode: str, metrics: dict[str, Any]) -> tuple[nn.Module, dict | None]:
@@ -204,7 +206,7 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
            tta_mode: str = "none") -> Path:
     net, ckpt, metrics = load_checkpoint(run_dir)
     spec = InputSpec.from_card(ckpt)
-    data = load_data(ckpt["dataset"], list(spec.size))
+    data = load_data(ckpt["dataset"], spec)
     net, tta = apply_tta(net, data, tta_mode, metrics)
     model = WithSoftmax(net).eval()
     # parity on the first images of the real test split
