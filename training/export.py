@@ -125,6 +125,7 @@ def apply_tta(model: nn.Module, data: Dataset, mode: str, metrics: dict[str, Any
         return model, None
     device = torch.device("cpu")
     flipped = FlipAverage(model).eval()
+    # both measured here, in fp32 on the CPU: metrics.json may come from a bf16 GPU run
     val_plain = evaluate(model, data.val, data.mean, data.std, device)[1]
     val_flip = evaluate(flipped, data.val, data.mean, data.std, device)[1]
     print(f"validation accuracy: plain {val_plain:.4f}, flip-averaged {val_flip:.4f}")
