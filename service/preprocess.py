@@ -3,6 +3,14 @@
 Every step is driven by the model card's ``input`` section, so training and serving cannot drift:
 decode -> apply EXIF orientation -> convert to 8-bit RGB -> resize the shorter side to the card's
 size (bilinear, antialiased) -> centre crop -> scale to [0, 1] -> normalise with the card's mean/std.
+
+Bounded work per image (docs/RELIABILITY.md): the header is read before any pixel is decoded and an
+image over ``max_pixels`` is refused (``image_too_large``); the resize reads only the source region
+that the centre crop keeps (``Image.resize(box=...)``), so its output is always the model's input
+size whatever the aspect ratio (a 1,000,000x1 PNG costs what a 1,000x1,000 one does, not 37 GB);
+conversions never hold more than two full-size copies; a JPEG far larger than the model input is
+decoded at a reduced DCT scale (``Image.draft``) that keeps at least ``DRAFT_MARGIN`` times the
+resized size. Peak memory per image is therefore at most ``max_decode_bytes(max_pixels)``.
 """
 
 from __future__ import annotations
@@ -10,9 +18,11 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import threading
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -24,6 +34,68 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 # Pillow's own guard is a warning at 89 Mpx and an error at 2x that. We set our own limit and make
 # both cases an error, so a decompression bomb is refused before its pixels are allocated.
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# A JPEG at least 2 * DRAFT_MARGIN times the resized size (before the crop) on both sides is decoded
+# at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, keeping at least DRAFT_MARGIN times that size
+# for the antialiased resize. No training image of the shipped models is that large (CIFAR-10 is
+# 32x32; the largest cats-vs-dogs photo has a 200-pixel shorter side), so they are unaffected.
+DRAFT_MARGIN = 4
+
+# Measured peak bytes per header pixel over every accepted mode (RGB/RGBA/CMYK/palette/16-bit/float,
+# EXIF-rotated or not), plus a fixed allowance for decoder buffers and conversion strips; asserted
+# by tests/test_preprocess.py::test_peak_memory_per_image_is_within_the_bound. Pillow's WebP
+# decoder holds two extra canvases (17 bytes per pixel), so WebP gets a proportionally smaller
+# pixel limit and the bound in bytes is the same for every format.
+DECODE_BYTES_PER_PIXEL = 10
+FORMAT_BYTES_PER_PIXEL = {"WEBP": 17}
+DECODE_FIXED_BYTES = 16 * 1024 * 1024
+
+
+def max_decode_bytes(max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Upper bound of the memory one image's decode and preprocessing may allocate (bytes)."""
+    return DECODE_BYTES_PER_PIXEL * max_pixels + DECODE_FIXED_BYTES
+
+
+def decode_cost(image: Image.Image) -> int:
+    """Bytes the decode of this lazily opened image may take (after any ``draft``)."""
+    width, height = image.size
+    return width * height * FORMAT_BYTES_PER_PIXEL.get(image.format or "", DECODE_BYTES_PER_PIXEL) \
+        + DECODE_FIXED_BYTES
+
+
+class DecodeBudget:
+    """A process-wide cap on the bytes that decodes in flight may hold: a decode reserves its
+    :func:`decode_cost` first and waits while the others hold too much. One image larger than the
+    whole budget still runs, alone. Threads (the service's ``asyncio.to_thread``, the scorer's
+    pool) therefore never hold more than ``total`` bytes of decodes together."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, cost: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + cost <= self.total)
+            self.used += cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= cost
+                self._cond.notify_all()
+
+
+# 1 GiB: two images at the default pixel limit, or many ordinary photos, at once. Callers may size
+# it at start-up with configure_decode_budget (e.g. from a setting).
+DEFAULT_DECODE_BUDGET_BYTES = 1 << 30
+DECODE_BUDGET = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)
+
+
+def configure_decode_budget(total_bytes: int) -> None:
+    """Set the process-wide decode budget (call once at start-up, before decoding)."""
+    DECODE_BUDGET.total = total_bytes
 
 
 class ImageError(ValueError):
@@ -91,8 +163,12 @@ def check_png_chunks(data: bytes) -> None:
     raise ImageError("corrupt_image", "PNG data ends before its IEND chunk")
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode upload bytes into an upright 8-bit RGB image, or raise :class:`ImageError`."""
+def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open upload bytes lazily (header only, no pixel decoded yet) and refuse what is over the limit.
+
+    Raises :class:`ImageError`: ``empty_file``, ``not_an_image``, ``corrupt_image`` or
+    ``image_too_large`` (more than ``max_pixels``, or a side of zero pixels).
+    """
     if not data:
         raise ImageError("empty_file", "the uploaded file has no bytes")
     sniffed = sniff_format(data)
@@ -102,15 +178,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    "image_too_large",
-                    f"{width}x{height} is {width * height} pixels; the limit is {max_pixels}",
-                )
-            image.load()  # full decode here: truncated data and bad CRCs surface now
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("image_too_large", str(exc)) from None
     except Image.UnidentifiedImageError:
@@ -120,38 +187,150 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             "not_an_image",
             f"could not identify an image; accepted formats: {', '.join(ACCEPTED_FORMATS)}",
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's corrupt-data errors
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:  # corrupt headers
         raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
-    return to_rgb(image)
+    check_dimensions(*image.size, max_pixels * DECODE_BYTES_PER_PIXEL
+                     // FORMAT_BYTES_PER_PIXEL.get(image.format or "", DECODE_BYTES_PER_PIXEL))
+    return image
+
+
+def check_dimensions(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels, or with an empty side, from its header."""
+    if width < 1 or height < 1:
+        raise ImageError("corrupt_image", f"the header says {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise ImageError(
+            "image_too_large",
+            f"{width}x{height} is {width * height} pixels; the limit is {max_pixels}",
+        )
+
+
+def resized_size(width: int, height: int, size: Sequence[int]) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to ``size`` (h, w), before the centre crop."""
+    target_h, target_w = size
+    scale = max(target_w / width, target_h / height)
+    return max(target_w, round(width * scale)), max(target_h, round(height * scale))
+
+
+def draft_request(image: Image.Image, size: Sequence[int]) -> tuple[int, int] | None:
+    """The smallest (width, height) a JPEG may be decoded at for ``size``: ``DRAFT_MARGIN`` times its
+    resized size, in stored (pre-EXIF-rotation) orientation; None for other formats."""
+    if image.format != "JPEG":
+        return None
+    target_h, target_w = size
+    if image.getexif().get(ORIENTATION_TAG, 1) in (5, 6, 7, 8):  # stored sideways: swap the target
+        target_h, target_w = target_w, target_h
+    new_w, new_h = resized_size(*image.size, (target_h, target_w))
+    return new_w * DRAFT_MARGIN, new_h * DRAFT_MARGIN
+
+
+ORIENTATION_TAG = 0x0112
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 size: Sequence[int] | None = None) -> Image.Image:
+    """Decode upload bytes into an upright 8-bit RGB image, or raise :class:`ImageError`.
+
+    With ``size`` (the model's (h, w)), a large JPEG is decoded at a reduced scale still at least
+    ``DRAFT_MARGIN`` times the resized size (see :data:`DRAFT_MARGIN`); without it, at full size.
+    """
+    return load_rgb(open_for(data, size, max_pixels))
+
+
+def open_for(data: bytes, size: Sequence[int] | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """:func:`open_checked`, then ask a large JPEG for a reduced decode fitting ``size``."""
+    image = open_checked(data, max_pixels)
+    if size is not None and (request := draft_request(image, size)) is not None:
+        image.draft(None, request)
+    return image
+
+
+def load_rgb(image: Image.Image) -> Image.Image:
+    """Decode a lazily opened image's pixels and convert them (:func:`to_rgb`), or raise ImageError."""
+    try:
+        image.load()  # full decode here: truncated data and bad CRCs surface now
+        return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("image_too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
+            TypeError, ZeroDivisionError) as exc:  # Pillow's errors on corrupt data
+        raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_to_array(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Upload bytes -> (3, H, W) uint8 at the model's input size, within the decode budget."""
+    image = open_for(data, size, max_pixels)
+    with DECODE_BUDGET.reserve(decode_cost(image)):
+        return image_to_uint8(load_rgb(image), size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert any mode (L, LA, P, RGBA, CMYK, I;16, F, ...) to RGB."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit/32-bit grey: rescale to 8 bits rather than letting convert() clip at 255.
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Composite transparency onto white, the way a viewer shows it, instead of dropping alpha.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    """Apply EXIF orientation and convert any mode (L, LA, P, RGBA, CMYK, I;16, F, ...) to RGB.
+
+    The orientation is applied in place and each conversion makes one copy, so no more than two
+    full-size images are alive at any step (the caller's and the converted one).
+    """
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        image = high_depth_to_l(image)
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa", "LA", "La"):
+        # Composite transparency onto white, the way a viewer shows it, instead of dropping alpha:
+        # Pillow pastes these modes onto RGB directly, blending by their own alpha band.
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(image, (0, 0), image)
+        return white
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+HIGH_DEPTH_STRIP_PIXELS = 1 << 18
+
+
+def high_depth_to_l(image: Image.Image) -> Image.Image:
+    """16-bit or 32-bit grey -> 8-bit grey, rescaled (``round(v / peak * 255)``) instead of clipped
+    at 255 as ``convert`` does. ``peak`` is 65535 for 16-bit data or any value over 255 (NaN: 0),
+    else 255. Converted in strips of about a megapixel, so the only full-size copy is the output."""
+    width, height = image.size
+    if image.mode.startswith("I;16"):
+        peak = 65535
+    else:
+        extrema = image.getextrema()
+        peak = 65535 if extrema and max(extrema) > 255 else 255
+    out = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, HIGH_DEPTH_STRIP_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        strip = np.asarray(image.crop((0, top, width, min(height, top + rows))), dtype=np.float64)
+        scaled = np.nan_to_num(strip / peak * 255.0 + 0.5, nan=0.0, posinf=255.0, neginf=0.0)
+        out[top:top + rows] = np.clip(scaled, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+# Resize-then-crop is kept (bit-exact with the shipped models' training) while the resized image is
+# at most this many times the model's input area; past it the one-step box resize takes over.
+EXACT_RESIZE_AREA = 4
 
 
 def resize_and_crop(image: Image.Image, size: Sequence[int]) -> Image.Image:
-    """Resize the shorter side to fit ``size`` (h, w), keeping aspect, then centre-crop."""
+    """Resize the shorter side to fit ``size`` (h, w), keeping aspect, then centre-crop.
+
+    Up to an aspect ratio of ``EXACT_RESIZE_AREA``:1 (every photo) the whole image is resized and
+    then cropped. Beyond it (e.g. 40000x1) the resized image would be huge, so the resize reads only
+    the source region the crop keeps (``box``), with the same scale and filter support (output
+    values within 1 of the two-step result), straight to (w, h): bounded work at any aspect ratio.
+    """
     target_h, target_w = size
     width, height = image.size
-    if (width, height) != (target_w, target_h):
-        scale = max(target_w / width, target_h / height)
-        new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    if (width, height) == (target_w, target_h):
+        return image
+    new_w, new_h = resized_size(width, height, size)
+    left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
+    if new_w * new_h <= EXACT_RESIZE_AREA * target_w * target_h:
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
-        left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
-        image = image.crop((left, top, left + target_w, top + target_h))
-    return image
+        return image.crop((left, top, left + target_w, top + target_h))
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + target_w) * sx, (top + target_h) * sy)
+    return image.resize((target_w, target_h), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
 def image_to_uint8(image: Image.Image, size: Sequence[int]) -> np.ndarray:
@@ -161,10 +340,10 @@ def image_to_uint8(image: Image.Image, size: Sequence[int]) -> np.ndarray:
 
 def decode_or_error(data: bytes, size: Sequence[int],
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | ImageError:
-    """:func:`decode_image` + :func:`image_to_uint8`, with a bad file returned instead of raised, so
+    """:func:`decode_to_array`, with a bad file returned instead of raised, so
     a batch of uploads or files carries on past it."""
     try:
-        return image_to_uint8(decode_image(data, max_pixels), size)
+        return decode_to_array(data, size, max_pixels)
     except ImageError as exc:
         return exc
 
@@ -225,4 +404,4 @@ def decode_jpegs_at_size(blobs: Sequence[bytes], size: Sequence[int]) -> list[np
 def load_file(path: str, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read one image file into a (3, H, W) uint8 array, as the service would see it."""
     with open(path, "rb") as handle:
-        return image_to_uint8(decode_image(handle.read(), max_pixels), size)
+        return decode_to_array(handle.read(), size, max_pixels)
