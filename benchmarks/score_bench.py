@@ -1,13 +1,26 @@
-"""Folder scoring throughput, three ways, same machine, same model, one run:
+"""Folder scoring, measured three ways in one run on the same files:
 
-  1. seed   — the course's loop: open one file with PIL, transform, ``model(img.unsqueeze(0))``
-              (the shipped TorchScript model, eager, one image at a time);
-  2. tool   — ``service.score``'s in-process scorer end to end (decode threads + batched ONNX Runtime);
-  3. ceiling — the same ONNX model alone on pre-decoded uint8 tensors, batched.
+  1. decode only — :class:`service.decode_pool.DecodePool` reading and decoding every file with 1
+     worker process, then with N (``--workers``), alternated twice; best of each (steady state:
+     the workers are started and page cache is warm before timing);
+  2. model only — the model's own batched rate: the decoded images fed to the model stage the CLI
+     uses (``LocalScorer.run``: ONNX Runtime session, or TorchScript from pinned memory on CUDA) in
+     batches of ``--batch-size``; measured before and after (3), the mean is the reference;
+  3. end to end — ``python -m service.score`` as a subprocess, from process start to exit
+     (imports, model load, walking, scoring, writing the CSV/metrics/confusion files).
 
-    .venv/bin/python benchmarks/score_bench.py [FOLDER] [--model cifar10] [--seed-limit 2000]
+Interface (``benchmarks/gpu_run.py`` calls it as a subprocess; keep it stable)::
 
-FOLDER defaults to the extracted ``cifar10-jpeg/test`` (10,000 files).
+    python benchmarks/score_bench.py --folder DIR --models-dir DIR --model NAME
+        [--backend onnx|torchscript] [--device auto|cpu|cuda] [--workers auto|N]
+        [--batch-size N] [--limit N] [--json OUT.json]
+
+Options left out are left out of the CLI run too (its defaults apply: ONNX, device auto, workers
+auto, batch 256); the model stage uses the same values. ``--limit N`` scores the first N files
+(sorted), copied into a temporary folder. ``--folder`` defaults to the extracted
+``cifar10-jpeg/test`` (10,000 files). Prints a small table, writes the JSON (images, seconds,
+images/s, model images/s, ratio, decode-only 1 vs N workers, load averages) and exits 0; non-zero
+only when the scoring CLI itself could not run (exit code >= 2).
 """
 
 from __future__ import annotations
@@ -16,85 +29,159 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.preprocess import normalize  # noqa: E402
-from service.registry import load_model  # noqa: E402
+from service.decode_pool import DecodePool, available_cores, resolve_workers  # noqa: E402
+from service.preprocess import DEFAULT_MAX_PIXELS  # noqa: E402
+from service.registry import read_card  # noqa: E402
 from service.score import LocalScorer, walk_files  # noqa: E402
 
 
-def seed_loop(paths: list[Path], model_dir: Path) -> float:
-    import torch
-    from PIL import Image
-    from torchvision import transforms
+def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: int) -> tuple[float, np.ndarray]:
+    """Steady-state images/s of ``workers`` decode processes over ``files``; also the images."""
+    with DecodePool(workers, size, DEFAULT_MAX_PIXELS) as pool:
+        for future in [pool.submit(files[:8]) for _ in range(max(workers, 1))]:
+            future.result()  # every worker started and warm
+        start = time.perf_counter()
+        ahead = 2 * max(workers, 1)
+        chunks = [files[i:i + batch] for i in range(0, len(files), batch)]
+        pending = [pool.submit(c) for c in chunks[:ahead]]
+        parts = []
+        for i in range(len(chunks)):
+            parts.append(pending.pop(0).result().pixels)
+            if i + ahead < len(chunks):
+                pending.append(pool.submit(chunks[i + ahead]))
+        seconds = time.perf_counter() - start
+    return len(files) / seconds, np.concatenate(parts)
 
-    card = json.loads((model_dir / "card.json").read_text())
-    module = torch.jit.load(str(model_dir / "model.torchscript.pt")).eval()
-    transform = transforms.Compose([
-        transforms.Resize(card["input"]["size"]), transforms.ToTensor(),
-        transforms.Normalize(card["input"]["mean"], card["input"]["std"])])
-    predictions = []
+
+def model_rate(scorer: LocalScorer, images: np.ndarray, batch: int) -> float:
+    """Images/s of the model stage alone on decoded images, in batches (one warm-up batch first)."""
+    scorer.run(images[:batch])
     start = time.perf_counter()
-    with torch.no_grad():
-        for path in paths:
-            image = transform(Image.open(path).convert("RGB"))
-            predictions.append(module(image.unsqueeze(0)).argmax(1).item())
-    return len(paths) / (time.perf_counter() - start)
+    for i in range(0, len(images), batch):
+        scorer.run(images[i:i + batch])
+    return len(images) / (time.perf_counter() - start)
 
 
-def tool(paths: list[Path], root: Path, models_dir: Path, name: str, batch: int) -> float:
-    scorer = LocalScorer(models_dir, name, "onnx", "cpu", batch, max(1, (os.cpu_count() or 2) - 1))
+def cli_run(folder: Path, args: argparse.Namespace, out: Path) -> tuple[float, int, str]:
+    """Seconds from process start to exit of ``python -m service.score``, its exit code, its last line."""
+    command = [sys.executable, "-m", "service.score", str(folder), "--out", str(out),
+               "--models-dir", str(args.models_dir), "--model", args.model]
+    for flag in ("backend", "device", "workers", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None:
+            command += [f"--{flag.replace('_', '-')}", str(value)]
     start = time.perf_counter()
-    count = sum(len(rows) for rows in scorer.score(paths, root))
-    return count / (time.perf_counter() - start)
+    proc = subprocess.run(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    return seconds, proc.returncode, last
 
 
-def ceiling(model_dir: Path, count: int, batch: int) -> float:
-    """Images/s of the model alone: batched ONNX Runtime on ``count`` pre-decoded uint8 images."""
-    model = load_model(model_dir, "onnx", "cpu")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (count, 3, *model.spec.size), dtype=np.uint8)
-    model.predict(x[:batch])
-    start = time.perf_counter()
-    for i in range(0, len(x), batch):
-        model.backend(normalize(x[i:i + batch], model.spec))
-    return len(x) / (time.perf_counter() - start)
+def limited_copy(root: Path, paths: list[Path], limit: int, into: Path) -> Path:
+    """The first ``limit`` files, copied with their relative paths (links would lead outside)."""
+    target = into / root.name
+    for path in paths[:limit]:
+        dest = target / path.relative_to(root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+    return target
 
 
-def main() -> None:
+def default_folder() -> Path:
+    from training.data import extract_archive, shared_datasets_dir
+
+    return extract_archive(shared_datasets_dir() / "cifar10-jpeg.tar.gz") / "cifar10-jpeg" / "test"
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path, nargs="?")
-    parser.add_argument("--model", default="cifar10")
+    parser.add_argument("--folder", type=Path)
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--seed-limit", type=int, default=2000, help="files for the slow seed loop")
+    parser.add_argument("--model", default="cifar10")
+    parser.add_argument("--backend", choices=["onnx", "torchscript"])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--workers", help="auto or N (decode processes; the decode-only test compares 1 with N)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--limit", type=int, help="score only the first N files")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    if args.folder is None:
-        from training.data import extract_archive, shared_datasets_dir
+    folder = (args.folder or default_folder()).resolve()
+    workers = resolve_workers(args.workers or "auto")
+    batch = args.batch_size or 256
+    card = read_card(args.models_dir / args.model)
+    size = tuple(card["input"]["size"])
 
-        args.folder = extract_archive(shared_datasets_dir() / "cifar10-jpeg.tar.gz") / "cifar10-jpeg" / "test"
-    root = args.folder.resolve()
-    paths = walk_files(root)
-    model_dir = args.models_dir / args.model
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "folder": str(args.folder),
-              "files": len(paths), "model": args.model}
-    result["ceiling_images_per_s"] = round(ceiling(model_dir, len(paths), args.batch_size), 1)
-    result["tool_images_per_s"] = round(tool(paths, root, args.models_dir, args.model, args.batch_size), 1)
-    result["seed_images_per_s"] = round(seed_loop(paths[:args.seed_limit], model_dir), 1)
-    result["tool_vs_ceiling"] = round(result["tool_images_per_s"] / result["ceiling_images_per_s"], 3)
-    result["tool_vs_seed"] = round(result["tool_images_per_s"] / result["seed_images_per_s"], 2)
-    print(json.dumps(result, indent=2))
+    with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
+        paths = walk_files(folder)
+        if args.limit and args.limit < len(paths):
+            folder = limited_copy(folder, paths, args.limit, Path(tmp))
+            paths = walk_files(folder)
+        files = [str(p) for p in paths]
+        for p in files:  # page cache warm for every measurement alike
+            with open(p, "rb") as handle:
+                handle.read()
+        load_before = os.getloadavg()
+
+        # 1. decode only, 1 worker vs N, alternated
+        many = max(workers, 2)
+        rates: dict[int, list[float]] = {1: [], many: []}
+        images = None
+        for _ in range(2):
+            for n in (1, many):
+                rate, decoded = decode_rate(files, size, n, batch)
+                rates[n].append(rate)
+                images = decoded
+
+        # 2. and 3. model stage alone around the end-to-end run
+        scorer = LocalScorer(args.models_dir, args.model, args.backend or "onnx", args.device or "auto",
+                             batch, 0)
+        model_before = model_rate(scorer, images, batch)
+        seconds, code, last_line = cli_run(folder, args, Path(tmp) / "pred.csv")
+        model_after = model_rate(scorer, images, batch)
+        load_after = os.getloadavg()
+
+    model = (model_before + model_after) / 2
+    end_to_end = len(files) / seconds
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {available_cores()} cores ({os.cpu_count()} online)",
+        "folder": str(args.folder or folder), "images": len(files), "model": args.model,
+        "backend": args.backend or "onnx (default)", "device": args.device or "auto (default)",
+        "workers": workers, "batch_size": batch,
+        "decode_only_images_per_s": {"1": round(max(rates[1]), 1), str(many): round(max(rates[many]), 1),
+                                     "all_runs": {str(k): [round(r, 1) for r in v] for k, v in rates.items()}},
+        "decode_speedup": round(max(rates[many]) / max(rates[1]), 3),
+        "model_images_per_s": round(model, 1),
+        "model_images_per_s_before_after": [round(model_before, 1), round(model_after, 1)],
+        "end_to_end_seconds": round(seconds, 3), "end_to_end_images_per_s": round(end_to_end, 1),
+        "ratio": round(end_to_end / model, 3), "cli_exit_code": code, "cli_summary": last_line,
+        "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+    }
+    print(f"{'what':<46}{'images/s':>12}")
+    print(f"{'decode only, 1 worker process':<46}{max(rates[1]):>12.0f}")
+    print(f"{f'decode only, {many} worker processes':<46}{max(rates[many]):>12.0f}"
+          f"   ({result['decode_speedup']:.2f}x)")
+    print(f"{'model alone, batched (mean of before/after)':<46}{model:>12.0f}")
+    print(f"{'service.score, process start to exit':<46}{end_to_end:>12.0f}"
+          f"   ({result['ratio']:.2f} of the model; {seconds:.2f} s for {len(files)} files)")
+    print(f"load average (1 min) before/after: {load_before[0]:.2f} / {load_after[0]:.2f}; CLI exit {code}")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if code in (0, 1) else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -45,14 +45,14 @@ def test_scores_labeled_folder_with_metrics_and_errors(labeled_folder: Path, tmp
         probabilities = [float(r[f"p_{c}"]) for c in card["classes"]]
         assert sum(probabilities) == pytest.approx(1, abs=1e-4)
         assert float(r["probability"]) == max(probabilities) and r["model_version"] == card["version"]
-    errors = {r["path"]: r["error"] for r in read_csv(tmp_path / "pred.errors.csv")}
+    errors = {r["path"]: r["error"] for r in read_csv(tmp_path / "pred.csv.errors.csv")}
     assert errors == {"notes.txt": "not_an_image", "ships/broken.jpg": "corrupt_image"}
-    metrics = json.loads((tmp_path / "pred.metrics.json").read_text())
+    metrics = json.loads((tmp_path / "pred.csv.metrics.json").read_text())
     accuracy = sum(r["label"] == r["true_label"] for r in rows) / 20
     assert metrics["accuracy"] == pytest.approx(accuracy) and accuracy >= 0.6
     assert metrics["per_class"]["cat"]["support"] == 10
-    assert "rows: true label" in (tmp_path / "pred.confusion.txt").read_text()
-    assert (tmp_path / "pred.confusion.png").stat().st_size > 5000
+    assert "rows: true label" in (tmp_path / "pred.csv.confusion.txt").read_text()
+    assert (tmp_path / "pred.csv.confusion.png").stat().st_size > 5000
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -95,7 +95,7 @@ def test_pixel_limit_comes_from_the_service_setting(tmp_path: Path, monkeypatch:
     out = tmp_path / "pred.csv"
     assert score.main([str(tmp_path / "in"), "--out", str(out), "--models-dir", str(SHIPPED_MODELS)]) == 1
     assert [r["path"] for r in read_csv(out)] == ["small.png"]
-    assert [(r["path"], r["error"]) for r in read_csv(tmp_path / "pred.errors.csv")] == [("big.png", "image_too_large")]
+    assert [(r["path"], r["error"]) for r in read_csv(tmp_path / "pred.csv.errors.csv")] == [("big.png", "image_too_large")]
 
 
 def test_kaggle_label_parsing() -> None:
@@ -114,7 +114,7 @@ def test_remote_scoring_matches_local(server: Server, labeled_folder: Path, tmp_
     assert [r["path"] for r in a] == [r["path"] for r in b]
     for x, y in zip(a, b):
         assert x["label"] == y["label"] and float(x["p_cat"]) == pytest.approx(float(y["p_cat"]), abs=1e-5)
-    errors = read_csv(tmp_path / "remote.errors.csv")
+    errors = read_csv(tmp_path / "remote.csv.errors.csv")
     assert sorted(r["error"] for r in errors) == ["corrupt_image", "not_an_image"]
 
 
@@ -129,7 +129,7 @@ def test_ray_engine_matches_local(labeled_folder: Path, tmp_path: Path) -> None:
     assert [r["path"] for r in a] == [r["path"] for r in b]
     for x, y in zip(a, b):
         assert x["label"] == y["label"] and float(x["p_ship"]) == pytest.approx(float(y["p_ship"]), abs=1e-5)
-    assert {r["error"] for r in read_csv(tmp_path / "ray.errors.csv")} == {"corrupt_image", "not_an_image"}
+    assert {r["error"] for r in read_csv(tmp_path / "ray.csv.errors.csv")} == {"corrupt_image", "not_an_image"}
 
 
 def test_ctrl_c_leaves_a_whole_file_and_resume_finishes(tmp_path: Path, cifar_folder: Path) -> None:

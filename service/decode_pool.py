@@ -1,0 +1,159 @@
+"""Reading and decoding image files for batch scoring, in worker processes that each decode whole
+batches (so decoding grows with a host's cores instead of sharing one interpreter's GIL).
+
+* :func:`decode_batch` turns a list of files into one ``(n, 3, H, W)`` uint8 array at the model's
+  size plus the per-file errors; it is the whole decoding contract and runs the same inline or in a
+  worker.
+* :class:`DecodePool` runs it in ``workers`` processes (``0``: in the calling process, the
+  single-process reference path). Workers ignore SIGINT: Ctrl-C is the parent's to handle.
+* Plain JPEGs already at the model's size (complete, 3 components, no EXIF/XMP orientation; the
+  CIFAR case) take :func:`plain_jpeg_pixels`, Pillow without the general path's conversions;
+  they are the same libjpeg-turbo decode and give the same bytes as
+  :func:`service.preprocess.decode_or_error` (tested). Everything else goes through
+  :func:`~service.preprocess.decode_or_error`, so bounds, conversions and error codes are the
+  service's own.
+
+Nothing here imports torch: on CPU hosts decoding costs no framework start-up.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_or_error, plain_jpeg_size
+
+
+@dataclass
+class DecodedBatch:
+    """One batch of files: the decoded images of the files at ``good`` (in order), and
+    ``(index, error, detail)`` for each file that could not be decoded."""
+
+    pixels: np.ndarray
+    good: list[int]
+    errors: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def plain_jpeg_pixels(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """(3, H, W) uint8 for a plain JPEG already at ``size``; None sends the file to the general path.
+
+    Plain means what :func:`~service.preprocess.plain_jpeg_size` accepts (complete, 3 components,
+    no EXIF) and, once Pillow has parsed the header, RGB mode and no XMP packet (XMP can carry an
+    orientation). For those files the general path's orientation, mode conversion and resize are
+    no-ops, so skipping them changes no pixel.
+    """
+    height, width = size
+    if plain_jpeg_size(data) != (height, width) or height * width > max_pixels:
+        return None
+    try:
+        image = Image.open(io.BytesIO(data), formats=("JPEG",))
+        if image.mode != "RGB" or "xmp" in image.info or "exif" in image.info:
+            return None
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError):  # let the general path name the error
+        return None
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_batch(paths: Sequence[str], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
+    """Read and decode ``paths`` into one array at ``size`` (h, w); failures are listed, not raised."""
+    out = np.empty((len(paths), 3, *size), dtype=np.uint8)
+    good: list[int] = []
+    errors: list[tuple[int, str, str]] = []
+    for i, path in enumerate(paths):
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            errors.append((i, "unreadable_file", f"{type(exc).__name__}: {exc}"))
+            continue
+        pixels = plain_jpeg_pixels(data, size, max_pixels)
+        if pixels is None:
+            result = decode_or_error(data, size, max_pixels)
+            if isinstance(result, ImageError):
+                errors.append((i, result.error, result.detail))
+                continue
+            pixels = result
+        out[len(good)] = pixels
+        good.append(i)
+    return DecodedBatch(out[:len(good)], good, errors)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(value: str | int) -> int:
+    """``auto`` -> cores - 1 (one core is left to the model and the writer), at least 1; else N >= 0."""
+    if value == "auto":
+        return max(1, available_cores() - 1)
+    workers = int(value)
+    if workers < 0:
+        raise ValueError(f"workers must be 'auto' or >= 0, not {value}")
+    return workers
+
+
+class _Inline:
+    """The ``workers=0`` path: decodes in the calling process when the result is asked for."""
+
+    def __init__(self, paths: Sequence[str], size: Sequence[int], max_pixels: int) -> None:
+        self.args = (paths, size, max_pixels)
+
+    def result(self) -> DecodedBatch:
+        return decode_batch(*self.args)
+
+    def cancel(self) -> bool:
+        return True
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group
+    Image.preinit()  # the JPEG/PNG/... plugins, once per worker rather than in the first batch
+
+
+class DecodePool:
+    """``submit(paths)`` -> a future of :class:`DecodedBatch`, decoded by one of ``workers`` processes.
+
+    Workers are forked (where the OS can) as soon as the pool is made, so make it before loading a
+    model or starting threads: forking is then cheap and safe, and the workers' start overlaps with
+    the model's.
+    """
+
+    def __init__(self, workers: int, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.workers = workers
+        self.size = tuple(size)
+        self.max_pixels = max_pixels
+        self.executor: ProcessPoolExecutor | None = None
+        if workers > 0:
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init)
+            self.executor.submit(int)  # start the workers now, not at the first batch
+
+    def submit(self, paths: Sequence[str]) -> "Future[DecodedBatch] | _Inline":
+        if self.executor is None:
+            return _Inline(list(paths), self.size, self.max_pixels)
+        return self.executor.submit(decode_batch, list(paths), self.size, self.max_pixels)
+
+    def close(self, cancel: bool = False) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=not cancel, cancel_futures=cancel)
+            self.executor = None
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(cancel=exc[0] is not None)
