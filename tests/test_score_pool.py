@@ -1,0 +1,125 @@
+"""Decoding in worker processes: the same bytes as the single-process path, errors kept, lean imports."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import score
+from service.decode_pool import DecodePool, decode_batch, plain_jpeg_pixels, resolve_workers
+from service.preprocess import decode_or_error
+from conftest import REPO, SHIPPED_MODELS
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path: Path, cifar_folder: Path) -> Path:
+    """Plain CIFAR JPEGs plus every kind of file that must leave the fast path: PNG, grayscale and
+    EXIF-rotated JPEGs, a larger JPEG (resized), a truncated JPEG, a text file."""
+    root = tmp_path / "mixed"
+    sources = sorted((cifar_folder / "test" / "horse").glob("*.jpg"))[:40]
+    (root / "horses").mkdir(parents=True)
+    for src in sources:
+        shutil.copy(src, root / "horses" / src.name)
+    first = Image.open(sources[0])
+    first.save(root / "horses" / "as.png")
+    first.convert("L").save(root / "horses" / "gray.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    first.save(root / "horses" / "rotated.jpg", exif=exif)
+    first.resize((90, 60)).save(root / "horses" / "large.jpg")
+    (root / "horses" / "truncated.jpg").write_bytes(sources[1].read_bytes()[:-50])
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_worker_processes_write_the_same_bytes_as_one_process(mixed_folder: Path, tmp_path: Path) -> None:
+    outputs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}" / "pred.csv"
+        code = score.main([str(mixed_folder), "--out", str(out), "--workers", workers, "--batch-size", "16",
+                           "--models-dir", str(SHIPPED_MODELS)])
+        assert code == 1  # the truncated JPEG and the text file
+        outputs[workers] = (out.read_bytes(), (out.parent / "pred.csv.errors.csv").read_bytes())
+    assert outputs["0"] == outputs["2"]
+    errors = outputs["2"][1].decode()
+    assert "horses/truncated.jpg,corrupt_image" in errors and "notes.txt,not_an_image" in errors
+    assert outputs["2"][0].decode().count("\n") == 1 + 40 + 4  # header, plain files, png/gray/rotated/large
+
+
+def test_fast_path_matches_the_service_decoder_and_declines_the_rest(cifar_folder: Path) -> None:
+    blobs = [p.read_bytes() for p in sorted((cifar_folder / "test" / "bird").glob("*.jpg"))[:300]]
+    for blob in blobs:
+        fast = plain_jpeg_pixels(blob, (32, 32))
+        assert fast is not None and np.array_equal(fast, decode_or_error(blob, (32, 32)))
+    image = Image.open(io.BytesIO(blobs[0]))
+    exif, xmp, gray = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    exif_data = Image.Exif()
+    exif_data[0x0112] = 3
+    image.save(exif, "JPEG", exif=exif_data)
+    image.save(xmp, "JPEG", xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/'
+                               b'1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/'
+                               b'tiff/1.0/" tiff:Orientation="3"/></rdf:RDF></x:xmpmeta>')
+    image.convert("L").save(gray, "JPEG")
+    for declined in (exif.getvalue(), xmp.getvalue(), gray.getvalue(), blobs[1][:-40], b""):
+        assert plain_jpeg_pixels(declined, (32, 32)) is None
+    assert plain_jpeg_pixels(blobs[2], (64, 64)) is None  # not at the model's size: resized elsewhere
+    # the XMP-rotated file really is rotated by the general path, which is why it is declined
+    assert not np.array_equal(decode_or_error(xmp.getvalue(), (32, 32)), decode_or_error(blobs[0], (32, 32)))
+
+
+def test_decode_batch_lists_unreadable_files(cifar_folder: Path, tmp_path: Path) -> None:
+    good = sorted((cifar_folder / "test" / "cat").glob("*.jpg"))[:3]
+    batch = decode_batch([str(good[0]), str(tmp_path / "gone.jpg"), str(good[1]), str(tmp_path)], (32, 32))
+    assert batch.good == [0, 2] and batch.pixels.shape == (2, 3, 32, 32)
+    assert [(i, e) for i, e, _ in batch.errors] == [(1, "unreadable_file"), (3, "unreadable_file")]
+
+
+def test_pool_returns_batches_in_submission_order(cifar_folder: Path) -> None:
+    files = [str(p) for p in sorted((cifar_folder / "test" / "frog").glob("*.jpg"))[:64]]
+    with DecodePool(2, (32, 32)) as pool:
+        futures = [pool.submit(files[i:i + 8]) for i in range(0, 64, 8)]
+        pixels = np.concatenate([f.result().pixels for f in futures])
+    assert np.array_equal(pixels, decode_batch(files, (32, 32)).pixels)
+
+
+def test_workers_setting() -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert resolve_workers("auto") == max(1, cores - 1)
+    assert resolve_workers("0") == 0 and resolve_workers(3) == 3
+    with pytest.raises(ValueError):
+        resolve_workers("-1")
+
+
+def test_onnx_on_cpu_imports_no_torch_torchvision_or_matplotlib(mixed_folder: Path, tmp_path: Path) -> None:
+    code = ("import sys; from service import score; "
+            f"code = score.main([{str(mixed_folder)!r}, '--out', {str(tmp_path / 'p.csv')!r}, '--device', 'auto', "
+            f"'--models-dir', {str(SHIPPED_MODELS)!r}]); "
+            "print(code, sorted(m for m in ('torch', 'torchvision', 'matplotlib') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split(None, 1) == ["1", "[]\n"], proc.stderr
+    assert (tmp_path / "p.csv.confusion.png").stat().st_size > 1000  # still drawn
+
+
+def test_cuda_check_agrees_with_torch() -> None:
+    torch = pytest.importorskip("torch")
+    assert score.cuda_present() == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not score.cuda_present(), reason="needs a CUDA GPU")
+def test_pinned_cuda_runner_gives_the_registry_backends_bytes(cifar_folder: Path, tmp_path: Path) -> None:
+    files = [str(p) for p in sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[:256]]
+    images = decode_batch(files, (32, 32)).pixels
+    scorer = score.LocalScorer(SHIPPED_MODELS, "cifar10", "torchscript", "cuda", 256, 0)
+    scorer.load()
+    assert isinstance(scorer.run, score.PinnedCudaRunner)
+    assert np.array_equal(scorer.run(images), scorer.model.predict(images))
+    scorer.close()
