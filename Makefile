@@ -18,8 +18,9 @@ $(VENV)/.installed: requirements.lock
 test: setup
 	$(PY) -m pytest
 
+# Port: IMGCLF_PORT from the environment, else PORT (make serve PORT=8103), else 3000.
 serve: setup
-	IMGCLF_PORT=$(PORT) $(PY) -m service.serve
+	IMGCLF_PORT=$${IMGCLF_PORT:-$(PORT)} $(PY) -m service.serve
 
 # The shipped models were made by these targets (numbers in models/*/card.json and docs/TRAINING.md).
 # CIFAR-10 in three CPU-sized sessions: 8 epochs, then 10 more from that checkpoint (a second

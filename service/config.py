@@ -1,12 +1,20 @@
-"""Every setting of the service, read from environment variables in this one place."""
+"""Every setting of the service, read from environment variables in this one place.
+
+:meth:`Settings.from_env` is called at start-up (the service's ``__init__``, ``service.serve``,
+``service.score``), never at import. The only values BentoML needs before a service object exists
+(worker count, its request timeout) come from :func:`bentoml_options`, which the service module
+calls when BentoML loads the service definition.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FALLBACK_DEFAULT_MODEL = "cifar10"
 
 
 def _int(name: str, default: int) -> int:
@@ -26,23 +34,59 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return raw
 
 
+def host_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def api_workers() -> int:
+    """``IMGCLF_API_WORKERS``: a number, or ``auto`` (default): one per host core."""
+    raw = (os.environ.get("IMGCLF_API_WORKERS") or "auto").strip()
+    if raw == "auto":
+        return host_cores()
+    workers = _int("IMGCLF_API_WORKERS", 1)
+    if workers < 1:
+        raise SystemExit(f"IMGCLF_API_WORKERS={raw!r}: expected a positive integer or 'auto'")
+    return workers
+
+
+def timeout_s() -> int:
+    return _int("IMGCLF_TIMEOUT_S", 30)
+
+
+def bentoml_options() -> dict[str, Any]:
+    """What BentoML needs when it loads the service module, before any service object exists: the
+    decorators' worker count, timeout and access-log switch, and the engine layout (which decides
+    whether the engine service is part of the graph)."""
+    return {"workers": api_workers(), "timeout_s": timeout_s(),
+            "access_log": _int("IMGCLF_ACCESS_LOG", 0) == 1,
+            "engine": _choice("IMGCLF_ENGINE", "auto", ("auto", "inprocess", "service")),
+            "device": _choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda"))}
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path
     models: tuple[str, ...]  # empty: every model in models_dir
-    default_model: str
+    default_model: str  # IMGCLF_DEFAULT_MODEL, else cifar10 (see resolve_default_model)
+    default_model_given: bool  # IMGCLF_DEFAULT_MODEL was set
     backend: str  # onnx | torchscript
     device: str  # auto | cpu | cuda
-    engine: str  # auto | inprocess | service: where the models run (see service/service.py)
+    engine: str  # auto | inprocess | service: where the models run (see service/engine.py)
     batching: bool  # adaptive batching on (default) or every request runs alone
     max_batch_size: int
-    max_latency_ms: int
+    max_latency_ms: int  # queue-wait cap: a request expected to wait longer gets 503 + Retry-After
+    max_queue: int  # images waiting per API worker; more get 503 + Retry-After
     max_body_bytes: int
     max_pixels: int
     max_files: int
     api_workers: int
-    engine_threads: int  # 0: the runtime's default (all cores)
+    engine_threads: int  # 0: the host's cores split between the API workers
     timeout_s: int
+    body_timeout_s: float  # a request body not received within this gets 408
     access_log: bool  # one log line per request; off by default (no per-request log spam)
     log_format: str  # json | text (our own log lines; BentoML keeps its format)
     log_level: str
@@ -50,23 +94,41 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         env = os.environ.get
+        timeout = timeout_s()
         return cls(
             models_dir=Path(env("IMGCLF_MODELS_DIR") or REPO_ROOT / "models"),
             models=tuple(m for m in (env("IMGCLF_MODELS") or "").split(",") if m),
-            default_model=env("IMGCLF_DEFAULT_MODEL") or "cifar10",
+            default_model=env("IMGCLF_DEFAULT_MODEL") or FALLBACK_DEFAULT_MODEL,
+            default_model_given=bool(env("IMGCLF_DEFAULT_MODEL")),
             backend=_choice("IMGCLF_BACKEND", "onnx", ("onnx", "torchscript")),
             device=_choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda")),
             engine=_choice("IMGCLF_ENGINE", "auto", ("auto", "inprocess", "service")),
             batching=_int("IMGCLF_BATCHING", 1) == 1,
             max_batch_size=max(2, _int("IMGCLF_MAX_BATCH_SIZE", 128)),
-            max_latency_ms=_int("IMGCLF_MAX_LATENCY_MS", 5000),
+            max_latency_ms=max(1, _int("IMGCLF_MAX_LATENCY_MS", 2000)),
+            max_queue=max(1, _int("IMGCLF_MAX_QUEUE", 4096)),
             max_body_bytes=_int("IMGCLF_MAX_BODY_BYTES", 8 * 1024 * 1024),
             max_pixels=_int("IMGCLF_MAX_PIXELS", 40_000_000),
             max_files=_int("IMGCLF_MAX_FILES", 64),
-            api_workers=_int("IMGCLF_API_WORKERS", 1),
+            api_workers=api_workers(),
             engine_threads=_int("IMGCLF_ENGINE_THREADS", 0),
-            timeout_s=_int("IMGCLF_TIMEOUT_S", 30),
+            timeout_s=timeout,
+            body_timeout_s=float(_int("IMGCLF_BODY_TIMEOUT_S", timeout)),
             access_log=_int("IMGCLF_ACCESS_LOG", 0) == 1,
             log_format=_choice("IMGCLF_LOG_FORMAT", "json", ("json", "text")),
             log_level=_choice("IMGCLF_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         )
+
+    def resolve_default_model(self, served: Iterable[str]) -> str:
+        """The model a request that names none gets: ``IMGCLF_DEFAULT_MODEL`` when set; else the
+        only served model when there is one; else ``cifar10``."""
+        names = sorted(served)
+        if self.default_model_given:
+            return self.default_model
+        if len(names) == 1:
+            return names[0]
+        return FALLBACK_DEFAULT_MODEL
+
+    def threads_per_worker(self) -> int:
+        """Inference threads per API worker (``IMGCLF_ENGINE_THREADS``, else the cores split)."""
+        return self.engine_threads or max(1, host_cores() // self.api_workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,36 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Artifacts already hashed by this start-up: {path: "size:mtime_ns:sha256"}. The process that checks
+# the registry first (``service.serve`` or the service's deployment hook) records them here; the
+# worker processes it starts inherit the variable and skip a file whose size and mtime are unchanged,
+# so each artifact is hashed once per start.
+VERIFIED_ENV = "IMGCLF_VERIFIED_ARTIFACTS"
+
+
+def _stat_key(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _already_verified(path: Path, sha256: str) -> bool:
+    try:
+        recorded = json.loads(os.environ.get(VERIFIED_ENV) or "{}").get(str(path.resolve()))
+    except ValueError:
+        return False
+    return recorded == f"{_stat_key(path)}:{sha256}"
+
+
+def record_verified(paths: dict[Path, str]) -> None:
+    """Remember these (path -> sha256) as checked, for this process and the ones it starts."""
+    try:
+        recorded = json.loads(os.environ.get(VERIFIED_ENV) or "{}")
+    except ValueError:
+        recorded = {}
+    recorded.update({str(p.resolve()): f"{_stat_key(p)}:{sha}" for p, sha in paths.items()})
+    os.environ[VERIFIED_ENV] = json.dumps(recorded)
+
+
 class OnnxBackend:
     def __init__(self, path: Path, device: str, threads: int = 0) -> None:
         import onnxruntime as ort
@@ -51,6 +82,11 @@ class OnnxBackend:
             raise RegistryError("IMGCLF_DEVICE=cuda but ONNX Runtime has no usable CUDA provider")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Idle ONNX Runtime threads spin for a while by default, burning the CPU that parsing and
+        # decoding need between batches; let them sleep.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.log_severity_level = 3  # ORT warns about unused CUDA libraries on CPU hosts
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
@@ -132,6 +168,8 @@ def verify_artifact(folder: Path, card: dict[str, Any], fmt: str) -> Path:
     path = folder / entry["file"]
     if not path.is_file():
         raise RegistryError(f"model {card['name']!r}: artifact {path} is missing")
+    if _already_verified(path, entry["sha256"]):
+        return path
     actual = sha256_file(path)
     if actual != entry["sha256"]:
         raise RegistryError(f"model {card['name']!r}: {path.name} sha256 {actual[:12]}... does not match "
@@ -164,16 +202,19 @@ def model_folders(models_dir: Path, names: list[str] | tuple[str, ...] | None = 
 
 
 def load_cards(models_dir: Path, names: tuple[str, ...] | None, backend: str,
-               default_model: str) -> dict[str, dict[str, Any]]:
-    """Cards of the models to serve, every served artifact's hash checked, without loading any
-    runtime (the start-up check; a mismatch raises :class:`RegistryError`)."""
-    cards = {}
+               default_model: str | None = None) -> dict[str, dict[str, Any]]:
+    """Cards of the models to serve, every served artifact's hash checked (once per start, see
+    :func:`record_verified`), without loading any runtime (a mismatch raises :class:`RegistryError`).
+    ``default_model``, when given, must be among them."""
+    cards, checked = {}, {}
     for folder in model_folders(models_dir, names):
         card = read_card(folder)
-        verify_artifact(folder, card, backend)
+        checked[verify_artifact(folder, card, backend)] = card["artifacts"][backend]["sha256"]
         cards[card["name"]] = card
-    if default_model not in cards:
-        raise RegistryError(f"default model {default_model!r} is not among {sorted(cards)}")
+    if default_model is not None and default_model not in cards:
+        raise RegistryError(f"default model {default_model!r} is not among {sorted(cards)} "
+                            "(set IMGCLF_DEFAULT_MODEL)")
+    record_verified(checked)
     return cards
 
 

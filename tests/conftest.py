@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -51,14 +53,17 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, env: dict[str, str], timeout: float = 120) -> None:
+    def __init__(self, env: dict[str, str], timeout: float = 120, python: str = sys.executable) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"imgclf-server-{self.port}.log", "w+")
+        # Each server its own BENTOML_HOME: `bentoml serve` wipes $BENTOML_HOME/prometheus_multiproc_dir
+        # at start, which would reset the metrics of a server already running beside it.
+        self.home = home = tempfile.mkdtemp(prefix=f"imgclf-bentoml-{self.port}-")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.serve", "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [python, "-m", "service.serve", "--port", str(self.port), "--host", "127.0.0.1"],
+            cwd=REPO, env={**os.environ, "BENTOML_HOME": home, **env}, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,6 +82,16 @@ class Server:
         self.log.seek(0)
         return self.log.read()[-tail:]
 
+    def log_size(self) -> int:
+        """Where the server's log ends now (pass it to :meth:`output_since`)."""
+        self.log.flush()
+        return os.path.getsize(self.log.name)
+
+    def output_since(self, offset: int) -> str:
+        with open(self.log.name, errors="replace") as handle:
+            handle.seek(offset)
+            return handle.read()
+
     def log_records(self) -> list[dict]:
         """The service's own JSON log lines (BentoML's lines are plain text)."""
         lines = (line for line in self.output(tail=10**7).splitlines() if line.startswith('{"time"'))
@@ -90,6 +105,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
+        shutil.rmtree(self.home, ignore_errors=True)
         return self.proc.returncode
 
 
@@ -105,8 +121,10 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def engine_service_server() -> Iterator[Server]:
-    """The same, with the models in a separate engine service (the GPU-host layout) and debug logs."""
+    """The same, with the models in a separate engine service (the GPU-host layout: two API workers
+    feeding one engine process) and debug logs."""
     srv = Server({"IMGCLF_MODELS_DIR": str(SHIPPED_MODELS), "IMGCLF_ENGINE": "service",
-                  "IMGCLF_LOG_LEVEL": "DEBUG"})
+                  "IMGCLF_API_WORKERS": "2", "IMGCLF_LOG_LEVEL": "DEBUG",
+                  "IMGCLF_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
     yield srv
     srv.stop()

@@ -1,0 +1,223 @@
+"""Where images become probabilities: one batching queue per API worker, and the model runners.
+
+Every API worker process has its own :class:`Batcher`. Requests put their uploads (raw bytes) on
+it; while a batch runs, the next requests queue, and the next batch takes everything queued (up to
+``max_batch_size``), so batches grow with load and a lone request never waits for company. A batch
+is decoded and run with **one** call of the runner:
+
+* :class:`LocalRunner` (``IMGCLF_ENGINE=inprocess``, CPU hosts): decode and model in one thread
+  hop per batch, inside the API worker;
+* :class:`RemoteRunner` (``IMGCLF_ENGINE=service``, GPU hosts): decode in the API worker, then one
+  call per batch (per model) to the engine service that owns the GPU. The engine therefore sees
+  ``workers x batches/s`` calls, never one call per request, and no stage that sees every request
+  is a single process.
+
+The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated from the
+measured time per image), or that finds ``max_queue`` images waiting, is refused at once with
+:class:`Overloaded` (the API answers 503 + ``Retry-After``); a request still queued when its wait
+passes the cap, or whose client has gone, is dropped before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol, Sequence
+
+import numpy as np
+
+from service.preprocess import ImageError, decode_or_error
+from service.registry import LoadedModel
+
+
+class Overloaded(Exception):
+    """The queue cannot take this request within its latency cap."""
+
+    def __init__(self, detail: str, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class Job:
+    """One uploaded image for one model."""
+
+    model: str
+    data: bytes
+    size: tuple[int, int]
+    future: asyncio.Future[Any]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+Result = "np.ndarray | ImageError"
+
+
+class Runner(Protocol):
+    async def __call__(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]: ...
+
+
+def decode_jobs(jobs: Sequence[Job], max_pixels: int) -> list[np.ndarray | ImageError]:
+    return [decode_or_error(job.data, job.size, max_pixels) for job in jobs]
+
+
+def group_by_model(jobs: Sequence[Job], decoded: Sequence[np.ndarray | ImageError]) -> dict[str, list[int]]:
+    """Indices of the decoded images, per model (bad images left out)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, (job, pixels) in enumerate(zip(jobs, decoded)):
+        if isinstance(pixels, np.ndarray):
+            groups[job.model].append(i)
+    return groups
+
+
+def run_models(models: dict[str, LoadedModel], groups: dict[str, np.ndarray],
+               observe: Callable[[str, int], None] | None = None) -> dict[str, np.ndarray]:
+    """One model call per model: {name: (N, 3, H, W) uint8} -> {name: (N, classes) probabilities}."""
+    out = {}
+    for name, batch in groups.items():
+        out[name] = models[name].predict(batch)
+        if observe is not None:
+            observe(name, len(batch))
+    return out
+
+
+def warm_up(models: dict[str, LoadedModel]) -> None:
+    """Run each model once at start-up, so the first request does not pay for the runtime's lazy
+    initialisation (and the queue's time estimate does not start from it)."""
+    for model in models.values():
+        height, width = model.spec.size
+        for n in (1, 8):
+            model.predict(np.zeros((n, 3, height, width), np.uint8))
+
+
+class LocalRunner:
+    """Decode and run a batch in the API worker: one thread hop per batch."""
+
+    def __init__(self, models: dict[str, LoadedModel], max_pixels: int,
+                 observe: Callable[[str, int], None] | None = None) -> None:
+        self.models = models
+        self.max_pixels = max_pixels
+        self.observe = observe
+        warm_up(models)
+
+    def run(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]:
+        decoded = decode_jobs(jobs, self.max_pixels)
+        groups = group_by_model(jobs, decoded)
+        stacked = {name: np.stack([decoded[i] for i in index]) for name, index in groups.items()}
+        probabilities = run_models(self.models, stacked, self.observe)
+        for name, index in groups.items():
+            for row, i in zip(probabilities[name], index):
+                decoded[i] = row
+        return decoded
+
+    async def __call__(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]:
+        return await asyncio.to_thread(self.run, jobs)
+
+
+class RemoteRunner:
+    """Decode in the API worker, then one engine call per model in the batch."""
+
+    def __init__(self, call: Callable[[str, np.ndarray], Awaitable[np.ndarray]], max_pixels: int) -> None:
+        self.call = call
+        self.max_pixels = max_pixels
+
+    async def __call__(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]:
+        decoded = await asyncio.to_thread(decode_jobs, jobs, self.max_pixels)
+        groups = group_by_model(jobs, decoded)
+        for name, index in groups.items():
+            probabilities = await self.call(name, np.stack([decoded[i] for i in index]))
+            for row, i in zip(probabilities, index):
+                decoded[i] = row
+        return decoded
+
+
+class Batcher:
+    """A bounded, latency-capped batching queue on the worker's event loop (see module doc)."""
+
+    def __init__(self, runner: Runner, max_batch_size: int, max_latency_ms: int, max_queue: int,
+                 batching: bool = True, in_flight: int = 1) -> None:
+        self.runner = runner
+        self.max_batch_size = max_batch_size if batching else 1
+        self.max_wait_s = max_latency_ms / 1000
+        self.max_queue = max_queue
+        self.in_flight_limit = in_flight
+        self.queue: deque[Job] = deque()
+        self.in_flight = 0  # images in batches being run
+        self.running = 0  # batches being run
+        self.seconds_per_image = 0.0  # moving average of run time per image (0: not measured yet)
+        self.batches = 0  # batches run (one runner call each)
+        self.dropped = 0  # jobs dropped before running: client gone or waited past the cap
+
+    def expected_wait_s(self, extra: int) -> float:
+        ahead = len(self.queue) + self.in_flight + extra
+        return ahead * self.seconds_per_image / self.in_flight_limit
+
+    def submit(self, model: str, blobs: Sequence[bytes], size: tuple[int, int]) -> list[asyncio.Future[Any]]:
+        """Queue one job per blob; raises :class:`Overloaded` when the queue cannot take them."""
+        waiting = len(self.queue) + self.in_flight
+        if waiting + len(blobs) > self.max_queue:
+            raise Overloaded(f"{waiting} images are queued in this worker (IMGCLF_MAX_QUEUE={self.max_queue})",
+                             max(1, math.ceil(self.expected_wait_s(0))))
+        wait = self.expected_wait_s(len(blobs))
+        if wait > self.max_wait_s and waiting:
+            raise Overloaded(f"expected queue wait {wait * 1000:.0f} ms exceeds IMGCLF_MAX_LATENCY_MS="
+                             f"{self.max_wait_s * 1000:.0f}", max(1, math.ceil(wait)))
+        loop = asyncio.get_running_loop()
+        futures = []
+        for blob in blobs:
+            future = loop.create_future()
+            self.queue.append(Job(model, blob, size, future))
+            futures.append(future)
+        self._start(loop)
+        return futures
+
+    def _take(self) -> list[Job]:
+        """The next batch: live jobs only (a cancelled future: its client has gone)."""
+        batch: list[Job] = []
+        now = time.monotonic()
+        while self.queue and len(batch) < self.max_batch_size:
+            job = self.queue.popleft()
+            if job.future.done():
+                self.dropped += 1
+                continue
+            if now - job.queued_at > self.max_wait_s:
+                self.dropped += 1
+                job.future.set_exception(Overloaded(
+                    f"waited {(now - job.queued_at) * 1000:.0f} ms in the queue (IMGCLF_MAX_LATENCY_MS)",
+                    max(1, math.ceil(self.expected_wait_s(0)))))
+                continue
+            batch.append(job)
+        return batch
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        while self.running < self.in_flight_limit and self.queue:
+            batch = self._take()
+            if not batch:
+                return
+            self.running += 1
+            self.in_flight += len(batch)
+            loop.create_task(self._run(batch))
+
+    async def _run(self, batch: list[Job]) -> None:
+        began = time.perf_counter()
+        try:
+            rows: list[Any] = await self.runner(batch)
+        except Exception as exc:  # every job of the batch fails with it; the queue lives on
+            rows = [exc] * len(batch)
+        per_image = (time.perf_counter() - began) / len(batch)
+        self.seconds_per_image = per_image if not self.seconds_per_image else (
+            0.8 * self.seconds_per_image + 0.2 * per_image)
+        self.batches += 1
+        self.running -= 1
+        self.in_flight -= len(batch)
+        for job, row in zip(batch, rows):
+            if job.future.done():  # cancelled meanwhile: its client has gone
+                continue
+            if isinstance(row, Exception) and not isinstance(row, ImageError):
+                job.future.set_exception(row)
+            else:
+                job.future.set_result(row)
+        self._start(asyncio.get_running_loop())

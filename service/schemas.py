@@ -1,0 +1,147 @@
+"""The API's bodies as pydantic models, and the OpenAPI document built from them.
+
+The document is exact: the multipart fields each endpoint reads, the 200 body, and every error
+status the service answers with its ``{"error", "detail"}`` body and the codes it can carry.
+``/openapi.json`` serves it and ``/docs`` renders it (Swagger UI from BentoML's bundled assets).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, Field
+
+
+class TopK(BaseModel):
+    label: str
+    probability: float = Field(ge=0, le=1)
+
+
+class Prediction(BaseModel):
+    """``POST /classify``: one image's softmax over every class, plus the top k."""
+
+    model: str = Field(description="the model that answered")
+    version: str = Field(description="first 12 hex digits of the artifact's sha256")
+    label: str = Field(description="the most probable class")
+    probabilities: dict[str, float] = Field(description="softmax over all classes, in the card's order")
+    top_k: list[TopK] = Field(description="the k most probable classes, most probable first")
+
+
+class ErrorBody(BaseModel):
+    """Every non-200 answer of the service."""
+
+    error: str = Field(description="stable machine-readable code (listed per status)")
+    detail: Any = Field(description="human-readable explanation (text, or an object for unknown_model)")
+
+
+class FileError(BaseModel):
+    """A file of a batch that could not be decoded (the others are scored)."""
+
+    error: Literal["empty_file", "not_an_image", "corrupt_image", "image_too_large"]
+    detail: str
+
+
+class BatchPrediction(BaseModel):
+    """``POST /classify_batch``: one result per uploaded file, in upload order."""
+
+    model: str
+    version: str
+    results: list[Union[Prediction, FileError]]
+
+
+class ModelList(BaseModel):
+    default: str = Field(description="the model used when a request names none")
+    models: dict[str, dict[str, Any]] = Field(description="the served models' cards, by name")
+
+
+# status -> error codes (shared by both classify endpoints unless noted)
+CLASSIFY_ERRORS: dict[int, tuple[str, list[str]]] = {
+    400: ("bad request", ["no_file", "invalid_multipart", "invalid_request", "invalid_top_k",
+                          "empty_file", "not_an_image", "corrupt_image"]),
+    404: ("the model is not served (`detail.valid` lists the served names)", ["unknown_model"]),
+    408: ("the request body did not arrive within IMGCLF_BODY_TIMEOUT_S", ["body_timeout"]),
+    413: ("body over IMGCLF_MAX_BODY_BYTES, image over IMGCLF_MAX_PIXELS, or more files than "
+          "IMGCLF_MAX_FILES", ["body_too_large", "image_too_large", "too_many_files"]),
+    415: ("the body is not multipart/form-data", ["unsupported_media_type"]),
+    503: ("overloaded: the request would wait longer than IMGCLF_MAX_LATENCY_MS (or find "
+          "IMGCLF_MAX_QUEUE images queued); retry after `Retry-After` seconds", ["overloaded"]),
+}
+
+
+def _error_responses(skip: set[str]) -> dict[str, Any]:
+    out = {}
+    for status, (text, codes) in CLASSIFY_ERRORS.items():
+        codes = [c for c in codes if c not in skip]
+        response: dict[str, Any] = {
+            "description": f"{text}; `error` is one of: {', '.join(codes)}",
+            "content": {"application/json": {"schema": {
+                "allOf": [{"$ref": "#/components/schemas/ErrorBody"}],
+                "properties": {"error": {"type": "string", "enum": codes}}}}},
+        }
+        if status == 503:
+            response["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                   "description": "seconds to wait before retrying"}}
+        out[str(status)] = response
+    return out
+
+
+def _form(file_field: str, many: bool, models: list[str], default_model: str) -> dict[str, Any]:
+    binary = {"type": "string", "format": "binary"}
+    return {"required": True, "content": {"multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "required": [file_field],
+            "properties": {
+                file_field: {"type": "array", "items": binary, "minItems": 1} if many else binary,
+                "model": {"type": "string", "enum": models, "default": default_model},
+                "top_k": {"type": "integer", "minimum": 1, "default": 5,
+                          "description": "clamped to the number of classes"},
+            },
+        },
+        "encoding": {file_field: {"contentType": "image/*, application/octet-stream"}},
+    }}}
+
+
+def openapi_document(models: list[str], default_model: str, version: str = "1") -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for model in (Prediction, BatchPrediction, ErrorBody, ModelList):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+
+    def ok(name: str) -> dict[str, Any]:
+        return {"description": "OK", "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{name}"}}}}
+
+    error_404 = {"description": "the model is not served", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "imgclf image classifier", "version": version,
+                 "description": "Image classification. Every non-200 answer is JSON "
+                                "`{\"error\": code, \"detail\": ...}`."},
+        "paths": {
+            "/classify": {"post": {
+                "summary": "Classify one image", "operationId": "classify",
+                "requestBody": _form("image", False, models, default_model),
+                "responses": {"200": ok("Prediction"), **_error_responses({"too_many_files"})},
+            }},
+            "/classify_batch": {"post": {
+                "summary": "Classify several images (results keep upload order)", "operationId": "classify_batch",
+                "requestBody": _form("images", True, models, default_model),
+                "responses": {"200": ok("BatchPrediction"),
+                              **_error_responses({"no_file", "empty_file", "not_an_image", "corrupt_image",
+                                                  "image_too_large"})},
+            }},
+            "/models": {"get": {"summary": "The served models' cards", "operationId": "list_models",
+                                "responses": {"200": ok("ModelList")}}},
+            "/models/{name}": {"get": {
+                "summary": "One served model's card", "operationId": "get_model",
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": {"type": "string", "enum": models}}],
+                "responses": {"200": {"description": "the model card", "content": {
+                    "application/json": {"schema": {"type": "object"}}}}, "404": error_404},
+            }},
+        },
+        "components": {"schemas": schemas},
+    }
