@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from service.preprocess import InputSpec, normalize
 from training import data as D
 from training.nets import ARCHITECTURES, build_model
 
@@ -28,14 +29,27 @@ def test_read_class_folders_labels_match_folders(cifar_folder: Path) -> None:
     assert data.labels.bincount().tolist() == [1000, 1000]
 
 
+def assert_disjoint_cover(indices: dict[str, torch.Tensor], n: int) -> None:
+    sets = {name: set(index.tolist()) for name, index in indices.items()}
+    assert sum(len(s) for s in sets.values()) == sum(len(i) for i in indices.values())  # no repeats inside a split
+    names = sorted(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not sets[a] & sets[b], (a, b)
+    assert set().union(*sets.values()) == set(range(n))
+
+
 def test_cifar10_split_is_seeded_and_disjoint(cifar_folder: Path) -> None:
     a = D.load_cifar10(seed=0)
     b = D.load_cifar10(seed=0)
     assert (len(a.train), len(a.val), len(a.test)) == (40_000, 10_000, 10_000)
     assert torch.equal(a.val.labels, b.val.labels) and a.fingerprint == b.fingerprint
+    assert_disjoint_cover(a.indices, 60_000)
     assert a.train.labels.bincount().min() > 3800  # all ten classes, roughly balanced
     c = D.load_cifar10(seed=1)
     assert not torch.equal(a.val.images[:50], c.val.images[:50])
+    assert c.fingerprint != a.fingerprint  # the fingerprint names the split, not only the files
+    assert_disjoint_cover(c.indices, 60_000)
 
 
 def test_random_crop_and_flip_are_translations() -> None:
@@ -95,7 +109,7 @@ def test_training_writes_checkpoint_metrics_and_curves(tiny_run: Path) -> None:
     assert set(torch.load(tiny_run / "best.pt", weights_only=True)) >= {"arch", "state_dict", "classes", "input"}
 
 
-def test_export_writes_card_and_parity_holds(tiny_run: Path, tmp_path: Path) -> None:
+def test_export_writes_card_and_graphs_match_the_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
     from training.export import export
     from training.data import sha256_file
 
@@ -104,13 +118,35 @@ def test_export_writes_card_and_parity_holds(tiny_run: Path, tmp_path: Path) -> 
     assert card["classes"][3] == "cat" and card["input"]["size"] == [32, 32]
     for fmt, entry in card["artifacts"].items():
         assert sha256_file(target / entry["file"]) == entry["sha256"]
-    assert card["parity"]["max_abs_diff_onnx"] <= 1e-4
     assert card["training"]["data_fingerprint"] == D.load_cifar10().fingerprint
-    # the ONNX graph has a dynamic batch axis
+    # independently of export's own gate: the written ONNX graph computes the checkpoint's softmax
+    ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
+    model = build_model(ckpt["arch"], 10).eval()
+    model.load_state_dict(ckpt["state_dict"])
+    data = D.load_cifar10()
+    x = normalize(data.test.images[::500].numpy(), InputSpec.from_card(card))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).softmax(1).numpy()
     session = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"input": x})[0] - expected).max() < 1e-4
+    # the ONNX graph has a dynamic batch axis
     for n in (1, 7):
         out = session.run(None, {"input": np.random.rand(n, 3, 32, 32).astype(np.float32)})[0]
         assert out.shape == (n, 10) and np.allclose(out.sum(1), 1, atol=1e-5)
+
+
+def test_export_rebuilds_the_runs_own_split(tmp_path: Path, cifar_folder: Path) -> None:
+    """A run trained with --seed 1 is exported against the seed-1 split (recorded in best.pt)."""
+    from training.export import export
+    from training.train import parse_args, train
+
+    run = tmp_path / "seed1"
+    train(parse_args(["--model", "fastnet_tiny", "--epochs", "1", "--limit-train", "512", "--limit-eval", "200",
+                      "--batch-size", "128", "--seed", "1", "--tta", "2", "--no-plot", "--quiet", "--out", str(run)]))
+    assert torch.load(run / "best.pt", weights_only=True)["data"]["seed"] == 1
+    card = json.loads((export(run, "c", tmp_path / "reg", tolerance=1e-4, parity_count=32) / "card.json").read_text())
+    assert card["training"]["data_fingerprint"] == D.load_cifar10(seed=1).fingerprint != D.load_cifar10().fingerprint
+    assert card["test_time_augmentation"]["level"] == 2  # the graph evaluates what training evaluated
 
 
 def test_export_refuses_when_parity_fails(tiny_run: Path, tmp_path: Path) -> None:

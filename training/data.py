@@ -85,6 +85,10 @@ class ImageSet:
     def subset(self, index: torch.Tensor) -> "ImageSet":
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
+    def to(self, device: torch.device) -> "ImageSet":
+        """The same split on ``device`` (training moves each split there once, airbench-style)."""
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
 
 @dataclass
 class Dataset:
@@ -92,11 +96,12 @@ class Dataset:
     train: ImageSet
     val: ImageSet
     test: ImageSet
-    fingerprint: str  # sha256 over the decoded pixels and labels of all splits
+    fingerprint: str  # sha256 over the decoded pixels and labels of train, val and test, in order
     source: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     split: str  # how train/val/test were made, for the model card
+    indices: dict[str, torch.Tensor]  # each split's positions in the decoded source (disjointness)
 
 
 def fingerprint(*sets: ImageSet) -> str:
@@ -147,9 +152,8 @@ def _cached(key: str, build) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def split_train_val(full: ImageSet, val_size: int, seed: int) -> tuple[ImageSet, ImageSet]:
-    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
-    return full.subset(perm[val_size:]), full.subset(perm[:val_size])
+def seeded_permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def _locate_cifar10(root: Path | None) -> tuple[Path, str] | None:
@@ -199,11 +203,14 @@ def load_cifar10(root: Path | None = None, download: bool = False, val_size: int
     t = _cached(key, build)
     full = ImageSet(t["train_x"], t["train_y"], CIFAR10_CLASSES)
     test = ImageSet(t["test_x"], t["test_y"], CIFAR10_CLASSES)
-    train, val = split_train_val(full, val_size, seed)
-    return Dataset("cifar10", train, val, test, fingerprint(full, test), source,
+    perm = seeded_permutation(len(full), seed)
+    train, val = full.subset(perm[val_size:]), full.subset(perm[:val_size])
+    return Dataset("cifar10", train, val, test, fingerprint(train, val, test), source,
                    CIFAR10_MEAN, CIFAR10_STD,
                    f"official train split shuffled with seed {seed}: {len(train)} train / "
-                   f"{len(val)} validation; official {len(test)}-image test split for the final number")
+                   f"{len(val)} validation; official {len(test)}-image test split for the final number",
+                   {"train": perm[val_size:], "val": perm[:val_size],
+                    "test": len(full) + torch.arange(len(test))})
 
 
 # --- cats vs dogs --------------------------------------------------------------------------------
@@ -255,15 +262,14 @@ def load_catsdogs(root: Path | None = None, size: int = 96, val_fraction: float 
 
     t = _cached(f"catsdogs-{key_src}-{size}", build)
     full = ImageSet(t["x"], t["y"], CATSDOGS_CLASSES)
-    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
+    perm = seeded_permutation(len(full), seed)
     n_val, n_test = int(len(full) * val_fraction), int(len(full) * test_fraction)
-    test = full.subset(perm[:n_test])
-    val = full.subset(perm[n_test:n_test + n_val])
-    train = full.subset(perm[n_test + n_val:])
-    return Dataset("catsdogs", train, val, test, fingerprint(full), f"{len(paths)} images at {folder}",
+    index = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    train, val, test = (full.subset(index[name]) for name in ("train", "val", "test"))
+    return Dataset("catsdogs", train, val, test, fingerprint(train, val, test), f"{len(paths)} images at {folder}",
                    CIFAR10_MEAN, CIFAR10_STD,
                    f"{len(full)} labeled images shuffled with seed {seed}: {len(train)} train / "
-                   f"{len(val)} validation / {len(test)} held-out test (never seen in training)")
+                   f"{len(val)} validation / {len(test)} held-out test (never seen in training)", index)
 
 
 # --- batches and augmentation as tensor ops ------------------------------------------------------
@@ -281,23 +287,37 @@ def random_crop(x: torch.Tensor, pad: int) -> torch.Tensor:
     return x.gather(3, cols.expand(n, c, h, w))
 
 
+def cutout(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero one random ``size`` x ``size`` square per image (DeVries & Taylor, 2017), batched."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n, 1, 1), device=x.device)
+    cx = torch.randint(0, w, (n, 1, 1), device=x.device)
+    rows = torch.arange(h, device=x.device).view(1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    hole = ((rows - cy).abs() <= size // 2) & ((cols - cx).abs() <= size // 2)
+    return x.masked_fill(hole[:, None], 0.0)
+
+
 def random_flip(x: torch.Tensor) -> torch.Tensor:
     mask = torch.rand(x.shape[0], device=x.device) < 0.5
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
 def batches(data: ImageSet, batch_size: int, mean: Sequence[float], std: Sequence[float],
-            device: torch.device, shuffle: bool = False, augment: bool = False,
-            crop_pad: int = 4) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised float batches; the uint8 images move to ``device`` once per call."""
-    images = data.images.to(device, non_blocking=True)
-    labels = data.labels.to(device, non_blocking=True)
+            shuffle: bool = False, augment: bool = False, crop_pad: int = 4,
+            cutout_size: int = 0, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised float batches (channels-last) from a split, on the split's own device:
+    move the split once with :meth:`ImageSet.to`; nothing is copied between devices here."""
+    device = data.images.device
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     order = torch.randperm(len(data), device=device) if shuffle else torch.arange(len(data), device=device)
-    for start in range(0, len(data), batch_size):
+    end = len(data) - len(data) % batch_size if drop_last and len(data) >= batch_size else len(data)
+    for start in range(0, end, batch_size):
         index = order[start:start + batch_size]
-        x = (images[index].float() / 255.0 - mean_t) / std_t
+        x = (data.images[index].float() / 255.0 - mean_t) / std_t
         if augment:
             x = random_flip(random_crop(x, crop_pad))
-        yield x.contiguous(memory_format=torch.channels_last), labels[index]
+            if cutout_size:
+                x = cutout(x, cutout_size)
+        yield x.contiguous(memory_format=torch.channels_last), data.labels[index]

@@ -7,9 +7,15 @@ is written, ONNX Runtime's and TorchScript's outputs on real test images must ma
 model within ``--tolerance`` (max abs difference of the probabilities), or the export fails.
 The registry entry is assembled in a staging folder and swapped in whole.
 
-``--tta flip`` exports a graph that averages the logits of each image and its mirror image (twice
-the inference cost); ``--tta auto`` does so only if that raises validation accuracy. Either way the
-card's accuracies are re-measured for the graph that ships; the test split decides nothing.
+``--tta train`` (the default) exports the test-time augmentation the run was evaluated with (its
+checkpoint records it: none for most recipes, flip + translate for the fast presets), so the card's
+accuracies are the run's own. ``--tta flip`` exports a graph that averages the logits of each image
+and its mirror image (twice the inference cost); ``--tta auto`` does so only if that raises
+validation accuracy. Those two re-measure the card's accuracies for the graph that ships; the test
+split decides nothing.
+
+Export rebuilds exactly the run's split (dataset, seed, data root, image size: recorded in the
+checkpoint) for its parity images and any re-measurement.
 """
 
 from __future__ import annotations
@@ -31,24 +37,13 @@ import torch
 from torch import nn
 
 from service.preprocess import InputSpec, normalize
-from training.data import REPO_ROOT, Dataset, load_catsdogs, load_cifar10, sha256_file
-from training.nets import build_model
-from training.train import evaluate
+from training.data import REPO_ROOT, Dataset, sha256_file
+from training.nets import TestTimeAugment, build_model
+from training.train import evaluate, load_dataset
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 OPSET = 17
-
-
-class FlipAverage(nn.Module):
-    """Test-time augmentation: mean of the logits for the image and its horizontal mirror."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.model(x) + self.model(x.flip(3))) / 2
 
 
 class FixedSizeAdaptiveAvgPool(nn.Module):
@@ -111,32 +106,51 @@ def load_checkpoint(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str,
     return model.eval(), ckpt, metrics
 
 
-def load_data(dataset: str, spec: InputSpec) -> Dataset:
-    """The training run's own split (same seed) at the checkpoint's input size and statistics."""
-    data = load_cifar10() if dataset == "cifar10" else load_catsdogs(size=spec.size[0])
+def load_data(ckpt: dict[str, Any], metrics: dict[str, Any], spec: InputSpec) -> Dataset:
+    """The training run's own split: the data spec its checkpoint records (older checkpoints: the
+    dataset and the seed in metrics.json, default data root), at the checkpoint's input size and
+    statistics."""
+    recorded = ckpt.get("data") or {"dataset": ckpt["dataset"], "seed": metrics.get("seed", 0),
+                                    "data_root": None, "image_size": spec.size[0]}
+    data = load_dataset({**recorded, "image_size": spec.size[0]})
     data.mean, data.std = spec.mean, spec.std  # e.g. ImageNet statistics for a pretrained backbone
     return data
 
 
-def apply_tta(model: nn.Module, data: Dataset, mode: str, metrics: dict[str, Any]) -> tuple[nn.Module, dict | None]:
-    """Wrap ``model`` in :class:`FlipAverage` when ``mode`` asks for it (``auto``: if validation
-    accuracy rises); then re-measure validation and test accuracy in ``metrics`` for what ships."""
-    if mode == "none":
+TTA_LEVELS = {"none": 0, "flip": 1, "flip_translate": 2}
+TTA_KINDS = {1: "horizontal flip, logits averaged",
+             2: "horizontal flip and one-pixel translations, logits averaged (airbench's level 2)"}
+
+
+def apply_tta(model: nn.Module, data: Dataset, mode: str, metrics: dict[str, Any],
+              trained_level: int) -> tuple[nn.Module, dict | None]:
+    """Wrap ``model`` in :class:`TestTimeAugment` as ``mode`` asks: ``train`` keeps the level the run
+    was evaluated with (its metrics already describe that graph); ``none``/``flip``/``flip_translate``
+    force a level and ``auto`` picks flip if validation accuracy rises. A level other than the run's
+    re-measures validation and test accuracy in ``metrics`` for what ships."""
+    level = trained_level if mode == "train" else TTA_LEVELS.get(mode, 1)
+    if mode == "auto" or level != trained_level:
+        cpu = [s.to(torch.device("cpu")) for s in (data.val, data.test)]
+        base = TestTimeAugment(model, trained_level) if trained_level else model
+        # both measured here, in fp32 on the CPU: metrics.json may come from a bf16 GPU run
+        val_before = evaluate(base, cpu[0], data.mean, data.std)[1]
+        candidate = TestTimeAugment(model, level).eval() if level else model
+        val_after = evaluate(candidate, cpu[0], data.mean, data.std)[1]
+        print(f"validation accuracy: trained graph {val_before:.4f}, candidate (level {level}) {val_after:.4f}")
+        if mode == "auto" and not val_after > val_before:
+            level = trained_level
+        else:
+            test_loss, test_acc = evaluate(candidate, cpu[1], data.mean, data.std)
+            tta_note = {"chosen_by": f"--tta {mode}", "val_accuracy_without": val_before,
+                        "test_accuracy_without": metrics["test_accuracy"]}
+            metrics.update(val_accuracy=val_after, test_accuracy=test_acc, test_loss=test_loss,
+                           test_measured_as=metrics["test_measured_as"] +
+                           f"; re-measured at export for test-time augmentation level {level}")
+            return candidate, ({"kind": TTA_KINDS[level], "level": level, **tta_note} if level else None)
+    if not level:
         return model, None
-    device = torch.device("cpu")
-    flipped = FlipAverage(model).eval()
-    # both measured here, in fp32 on the CPU: metrics.json may come from a bf16 GPU run
-    val_plain = evaluate(model, data.val, data.mean, data.std, device)[1]
-    val_flip = evaluate(flipped, data.val, data.mean, data.std, device)[1]
-    print(f"validation accuracy: plain {val_plain:.4f}, flip-averaged {val_flip:.4f}")
-    if mode == "auto" and not val_flip > val_plain:
-        return model, None
-    test_loss, test_acc = evaluate(flipped, data.test, data.mean, data.std, device)
-    tta = {"kind": "horizontal flip, logits averaged", "chosen_by": f"--tta {mode}",
-           "val_accuracy_without": val_plain, "test_accuracy_without": metrics["test_accuracy"]}
-    metrics.update(val_accuracy=val_flip, test_accuracy=test_acc, test_loss=test_loss,
-                   test_measured_as=metrics["test_measured_as"] + "; with the flip-averaged graph")
-    return flipped, tta
+    return TestTimeAugment(model, level).eval(), {"kind": TTA_KINDS[level], "level": level,
+                                                  "chosen_by": "the training run's own evaluation"}
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -192,6 +206,7 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
         "training": {key: metrics[key] for key in (
             "command", "dataset", "data_source", "data_fingerprint", "split", "seed", "best_epoch",
             "train_seconds", "hardware", "torch", "init_from")},
+        "split_spec": metrics.get("data"),  # what export and re-measurement rebuild the split from
         "artifacts": {fmt: {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
                       for fmt, path in artifacts.items()},
         "parity": parity,
@@ -204,11 +219,11 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
 
 
 def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_count: int,
-           tta_mode: str = "none") -> Path:
+           tta_mode: str = "train") -> Path:
     net, ckpt, metrics = load_checkpoint(run_dir)
     spec = InputSpec.from_card(ckpt)
-    data = load_data(ckpt["dataset"], spec)
-    net, tta = apply_tta(net, data, tta_mode, metrics)
+    data = load_data(ckpt, metrics, spec)
+    net, tta = apply_tta(net, data, tta_mode, metrics, int(ckpt.get("tta", 0)))
     model = WithSoftmax(net).eval()
     # parity on the first images of the real test split
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
@@ -250,8 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--parity-images", type=int, default=256)
-    parser.add_argument("--tta", choices=["none", "flip", "auto"], default="none",
-                        help="flip: average with the mirror image; auto: only if validation accuracy rises")
+    parser.add_argument("--tta", choices=["train", "none", "flip", "flip_translate", "auto"], default="train",
+                        help="train: what the run was evaluated with; flip: average with the mirror image; "
+                             "auto: flip only if validation accuracy rises")
     args = parser.parse_args(argv)
     export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta)
 

@@ -1,0 +1,422 @@
+"""The project's one GPU run: train, export and benchmark everything, unattended, in 8 minutes.
+
+    python benchmarks/gpu_run.py OUT_DIR                       # on a CUDA host (one H100: <= 8 min)
+    python benchmarks/gpu_run.py OUT_DIR --stages score,serve  # a subset (split over two slots)
+    python benchmarks/gpu_run.py OUT_DIR --stages catsdogs --backbone runs/ship/best.pt
+    python benchmarks/gpu_run.py OUT_DIR --smoke               # tiny budgets on the CPU (< 3 min; in the tests)
+
+Stages, in order, each in its own processes with its own time limit (a stage that fails or runs
+out of time is recorded in the report, and the stages after it still run):
+
+* ``env``: the versions found (Python, torch, CUDA, GPU, ONNX Runtime, BentoML, ...) and the
+  packages missing for the later stages (printed and in the report).
+* ``cifar10``: the fast preset (``training.train --preset fast``) for each of ``--seeds``, after
+  one untimed warm-up epoch that pays ``torch.compile``; then the shipping recipe
+  (``--preset ship``), exported with ``training.export`` into ``OUT_DIR/registry/cifar10``.
+* ``catsdogs``: transfer from the CIFAR-10 shipping checkpoint (or ``--backbone PATH``) at up to
+  128 px (never above the photos' own size, read from the data), and the from-scratch LeNet-5
+  baseline at the same size; the transfer model is exported into ``OUT_DIR/registry/catsdogs``.
+* ``score``: ``benchmarks/score_bench.py`` on ``cifar10-jpeg/train`` (50,000 files) and the
+  cats-vs-dogs photos, against the new registry (or ``models/`` when a model was not trained here).
+* ``serve``: ``benchmarks/serve_bench.py --start`` against the same registry: ``/classify`` at
+  concurrency 32 and 128, ``/classify_batch``, and a no-op endpoint as the load generator's ceiling.
+
+``OUT_DIR`` receives ``report.json``, ``report.md``, ``curves/*.png``, the ``best.pt`` +
+``metrics.json`` + ``curves.png`` of each model worth shipping under ``checkpoints/``, the
+``metrics.json`` of every other run under ``runs/``, the exported ``registry/`` and the
+benchmark JSONs; everything else (checkpoints of every seed) stays in a scratch folder. The run
+refuses to leave more than 60 MB in ``OUT_DIR``: the registry is the big part (two formats of
+two models, ~13 MB each).
+
+Datasets are found as training finds them (``../shared/datasets`` or ``IMGCLF_DATASETS``). It needs
+what a CUDA host with PyTorch has (torch 2.5 or later) plus requirements-serve.txt (BentoML for the
+``serve`` stage), torchvision, onnx, matplotlib and tqdm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+TOTAL_BUDGET_S = 480  # the whole run on one H100
+LIMITS_S = {"env": 30, "cifar10": 240, "catsdogs": 120, "score": 60, "serve": 90}
+SMOKE_LIMITS_S = {"env": 30, "cifar10": 150, "catsdogs": 150, "score": 90, "serve": 150}
+STAGES = ("env", "cifar10", "catsdogs", "score", "serve")
+MAX_OUT_BYTES = 60 * 1024 * 1024
+CATSDOGS_MAX_SIZE = 128
+# What the later stages import, by distribution name (import name where it differs).
+NEEDED = {"torch": "torch", "torchvision": "torchvision", "onnx": "onnx", "onnxruntime": "onnxruntime",
+          "pillow": "PIL", "numpy": "numpy", "matplotlib": "matplotlib", "tqdm": "tqdm", "bentoml": "bentoml",
+          "httpx": "httpx"}
+TARGETS = {
+    "fast_preset_mean_test_accuracy": 0.910, "fast_preset_max_train_seconds": 5.0,
+    "cifar10_ship_test_accuracy": 0.935, "catsdogs_test_accuracy": 0.96,
+    "score_cifar10_images_per_s": 50_000, "score_catsdogs_images_per_s": 5_000,
+    "serve_classify_requests_per_s": 3_000, "serve_classify_p99_ms": 100, "serve_batch_images_per_s": 30_000,
+}
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+class Run:
+    """Paths, deadlines and the report of one GPU run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.out: Path = args.out_dir.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.scratch = Path(tempfile.mkdtemp(prefix="imgclf-gpu-run-"))
+        self.registry = self.out / "registry"
+        self.started = time.monotonic()
+        self.stage_deadline = 0.0
+        self.report: dict[str, Any] = {
+            "command": "python benchmarks/gpu_run.py " + " ".join(sys.argv[1:]),
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "smoke": args.smoke, "budget_s": TOTAL_BUDGET_S, "stages": {}, "targets": TARGETS,
+        }
+
+    def remaining(self) -> float:
+        return self.stage_deadline - time.monotonic()
+
+    def sh(self, cmd: list[str], log_name: str, env: dict[str, str] | None = None) -> str:
+        """Run a command inside the stage's remaining time; its output goes to the stage log."""
+        timeout = self.remaining()
+        if timeout <= 1:
+            raise StageFailed(f"no time left for {log_name}")
+        print(f"$ {' '.join(cmd)}", flush=True)
+        log = self.scratch / f"{log_name}.log"
+        try:
+            done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            log.write_text(exc.stdout if isinstance(exc.stdout, str) else "")
+            raise StageFailed(f"{log_name}: time limit reached after {timeout:.0f}s") from None
+        log.write_text(done.stdout)
+        tail = "\n".join(done.stdout.strip().splitlines()[-3:])
+        print(tail, flush=True)
+        if done.returncode != 0:
+            raise StageFailed(f"{log_name} exited {done.returncode}: {done.stdout.strip()[-1500:]}")
+        return done.stdout
+
+    def python(self, args: list[str], log_name: str, env: dict[str, str] | None = None) -> str:
+        return self.sh([sys.executable, *args], log_name, env)
+
+
+# --- stages ---------------------------------------------------------------------------------------
+
+
+def stage_env(run: Run) -> dict[str, Any]:
+    found, missing = {}, []
+    for dist, module in NEEDED.items():
+        try:
+            importlib.import_module(module)
+            found[dist] = importlib.metadata.version(dist if dist != "onnxruntime" else _ort_dist())
+        except Exception as exc:  # a package that is absent or broken: both are "missing" here
+            missing.append(f"{dist} ({type(exc).__name__})")
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpus": os.cpu_count(), "packages": found, "missing": missing}
+    try:
+        import torch
+
+        info["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+    except ImportError:
+        info["cuda_available"] = False
+    print(f"found: {found}\nmissing: {missing or 'nothing'}", flush=True)
+    return info
+
+
+def _ort_dist() -> str:
+    for name in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            importlib.metadata.version(name)
+            return name
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "onnxruntime"
+
+
+def train_many(run: Run, runs: list[tuple[str, list[str]]], log_name: str) -> dict[str, dict[str, Any]]:
+    """Train several runs in ONE process (``torch.compile`` compiles once per network); return each
+    run's metrics.json."""
+    spec = json.dumps([[name, [*flags, "--out", str(run.scratch / "runs" / name), "--quiet"]] for name, flags in runs])
+    run.python([str(Path(__file__).resolve()), "--train-many", spec], log_name)
+    return {name: json.loads((run.scratch / "runs" / name / "metrics.json").read_text()) for name, _ in runs}
+
+
+def device_flags(run: Run) -> list[str]:
+    return ["--device", "cpu", "--compile", "off"] if run.args.smoke else []
+
+
+def keep(run: Run, name: str, shipped_as: str | None = None) -> dict[str, Any]:
+    """Copy a run's small files into OUT_DIR (and its checkpoint when it ships)."""
+    src = run.scratch / "runs" / name
+    dest = run.out / ("checkpoints" if shipped_as else "runs") / name
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "metrics.json", dest / "metrics.json")
+    if shipped_as:
+        shutil.copy(src / "best.pt", dest / "best.pt")
+    if (src / "curves.png").exists():
+        shutil.copy(src / "curves.png", dest / "curves.png")
+        (run.out / "curves").mkdir(exist_ok=True)
+        shutil.copy(src / "curves.png", run.out / "curves" / f"{name}.png")
+    return json.loads((src / "metrics.json").read_text())
+
+
+def summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {key: metrics.get(key) for key in ("model", "preset", "seed", "test_accuracy", "val_accuracy",
+                                              "test_images", "train_seconds", "eval_seconds", "hardware",
+                                              "torch", "compiled", "parameters", "input_size", "command")}
+
+
+def export(run: Run, name: str, registry_name: str) -> dict[str, Any]:
+    flags = ["--parity-images", "64"] if run.args.smoke else []
+    run.python(["-m", "training.export", str(run.scratch / "runs" / name), "--name", registry_name,
+                "--models-dir", str(run.registry), *flags], f"export-{registry_name}")
+    card = json.loads((run.registry / registry_name / "card.json").read_text())
+    return {"version": card["version"], "test_accuracy": card["metrics"]["test_accuracy"],
+            "bytes": sum(a["bytes"] for a in card["artifacts"].values())}
+
+
+def stage_cifar10(run: Run) -> dict[str, Any]:
+    if run.args.smoke:
+        tiny = ["--model", "fastnet_tiny", "--epochs", "1", "--limit-train", "1024", "--limit-eval", "500",
+                "--batch-size", "256", *device_flags(run)]
+        fast_flags, ship_flags, warmup = tiny, tiny, []
+    else:
+        fast_flags, ship_flags = [], []
+        warmup = [("warmup", ["--preset", "fast", "--epochs", "1", "--no-plot", "--limit-eval", "1000"])]
+    fast = [(f"cifar10-fast-s{seed}", ["--preset", "fast", "--seed", str(seed), "--no-plot", *fast_flags])
+            for seed in run.args.seeds]
+    results = train_many(run, warmup + fast, "cifar10-fast")
+    fast_metrics = [results[name] for name, _ in fast]
+    for name, _ in fast:
+        keep(run, name)
+    accs = [m["test_accuracy"] for m in fast_metrics]
+    out: dict[str, Any] = {
+        "fast": [summary(m) for m in fast_metrics],
+        "fast_mean_test_accuracy": sum(accs) / len(accs),
+        "fast_max_train_seconds": max(m["train_seconds"] for m in fast_metrics),
+        "compile_warmup_seconds": results["warmup"]["train_seconds"] if warmup else None,
+    }
+    ship = train_many(run, [("cifar10-ship", ["--preset", "ship", "--seed", "0", *ship_flags])], "cifar10-ship")
+    keep(run, "cifar10-ship", shipped_as="cifar10")
+    out["ship"] = summary(ship["cifar10-ship"])
+    out["ship_export"] = export(run, "cifar10-ship", "cifar10")
+    return out
+
+
+def catsdogs_size(limit: int) -> int:
+    """The transfer resolution: ``limit`` px, or less when the photos are smaller (a GPU host may get
+    the archive re-encoded at e.g. 144x144)."""
+    from PIL import Image
+
+    from training.data import _locate_catsdogs, scan_catsdogs
+
+    paths, _ = scan_catsdogs(_locate_catsdogs(None))
+    sides = []
+    for path in paths[:: max(1, len(paths) // 20)]:
+        with Image.open(path) as image:
+            sides.append(min(image.size))
+    return min(limit, min(sides))
+
+
+def stage_catsdogs(run: Run) -> dict[str, Any]:
+    backbone = run.args.backbone or run.out / "checkpoints" / "cifar10-ship" / "best.pt"
+    if not Path(backbone).exists():
+        raise StageFailed(f"no CIFAR-10 backbone at {backbone}: run the cifar10 stage first or pass --backbone")
+    size = 64 if run.args.smoke else catsdogs_size(CATSDOGS_MAX_SIZE)
+    common = ["--dataset", "catsdogs", "--image-size", str(size), "--seed", "0", *device_flags(run)]
+    if run.args.smoke:
+        common += ["--epochs", "1", "--limit-train", "512", "--limit-eval", "300", "--batch-size", "128"]
+    else:
+        common += ["--batch-size", "256"]
+    arch = json.loads((Path(backbone).parent / "metrics.json").read_text())["model"] \
+        if (Path(backbone).parent / "metrics.json").exists() else "fastnet_res"
+    transfer = ["--preset", "ship", "--model", arch, "--init-from", str(backbone), "--head-epochs", "1",
+                "--lr", "0.3", "--cutout", str(size // 8), "--crop-pad", str(max(2, size // 16)),
+                "--eval-every", "3", *common]
+    if not run.args.smoke:
+        transfer += ["--epochs", "16"]
+    lenet = ["--model", "lenet5", "--optimizer", "adam", "--lr", "0.002", "--weight-decay", "0.0001",
+             "--schedule", "cosine", "--label-smoothing", "0", *common]
+    if not run.args.smoke:
+        lenet += ["--epochs", "12"]
+    results = train_many(run, [("catsdogs-transfer", transfer), ("catsdogs-lenet5", lenet)], "catsdogs")
+    keep(run, "catsdogs-transfer", shipped_as="catsdogs")
+    keep(run, "catsdogs-lenet5")
+    return {"image_size": size, "backbone": str(backbone),
+            "transfer": summary(results["catsdogs-transfer"]), "lenet5": summary(results["catsdogs-lenet5"]),
+            "transfer_export": export(run, "catsdogs-transfer", "catsdogs")}
+
+
+def registry_for(run: Run, name: str) -> Path:
+    return run.registry if (run.registry / name / "card.json").exists() else REPO / "models"
+
+
+def stage_score(run: Run) -> dict[str, Any]:
+    from training.data import _locate_catsdogs, extract_archive, shared_datasets_dir
+
+    cifar = extract_archive(shared_datasets_dir() / "cifar10-jpeg.tar.gz") / "cifar10-jpeg" / "train"
+    cats = _locate_catsdogs(None) / "train"
+    limit = ["--limit", "300"] if run.args.smoke else []
+    device = ["--device", "cpu"] if run.args.smoke else ["--device", "auto"]
+    out = {}
+    for key, folder, model in (("cifar10", cifar, "cifar10"), ("catsdogs", cats, "catsdogs")):
+        path = run.out / f"score_{key}.json"
+        run.python([str(REPO / "benchmarks" / "score_bench.py"), "--folder", str(folder), "--models-dir",
+                    str(registry_for(run, model)), "--model", model, *device, *limit, "--json", str(path)],
+                   f"score-{key}")
+        out[key] = json.loads(path.read_text())
+    return out
+
+
+def stage_serve(run: Run) -> dict[str, Any]:
+    path = run.out / "serve.json"
+    if run.args.smoke:
+        load = ["--concurrency", "4", "--duration", "2", "--load-procs", "1"]
+    else:
+        load = ["--concurrency", "32", "128", "--duration", "8", "--load-procs", str(max(2, (os.cpu_count() or 4) // 2))]
+    run.python([str(REPO / "benchmarks" / "serve_bench.py"), "--start", "--models-dir",
+                str(registry_for(run, "cifar10")), "--model", "cifar10", *load, "--json", str(path)],
+               "serve", env={"IMGCLF_DEVICE": "cpu"} if run.args.smoke else None)
+    return json.loads(path.read_text())
+
+
+STAGE_FUNCS: dict[str, Callable[[Run], dict[str, Any]]] = {
+    "env": stage_env, "cifar10": stage_cifar10, "catsdogs": stage_catsdogs, "score": stage_score, "serve": stage_serve,
+}
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def pick(results: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(results, dict) or key not in results:
+            return None
+        results = results[key]
+    return results
+
+
+def achieved(stages: dict[str, Any]) -> dict[str, Any]:
+    """The figures the issues' targets are about, where the stages produced them."""
+    res = {name: stage.get("results", {}) for name, stage in stages.items()}
+    return {
+        "fast_preset_mean_test_accuracy": pick(res, "cifar10", "fast_mean_test_accuracy"),
+        "fast_preset_max_train_seconds": pick(res, "cifar10", "fast_max_train_seconds"),
+        "cifar10_ship_test_accuracy": pick(res, "cifar10", "ship", "test_accuracy"),
+        "catsdogs_test_accuracy": pick(res, "catsdogs", "transfer", "test_accuracy"),
+        "score_cifar10_images_per_s": pick(res, "score", "cifar10", "images_per_s"),
+        "score_catsdogs_images_per_s": pick(res, "score", "catsdogs", "images_per_s"),
+        "serve_classify_requests_per_s": pick(res, "serve", "summary", "classify_requests_per_s"),
+        "serve_classify_p99_ms": pick(res, "serve", "summary", "classify_p99_ms"),
+        "serve_batch_images_per_s": pick(res, "serve", "summary", "batch_images_per_s"),
+    }
+
+
+def write_report(run: Run) -> None:
+    report = run.report
+    report["achieved"] = achieved(report["stages"])
+    report["wall_seconds"] = round(time.monotonic() - run.started, 1)
+    report["out_bytes"] = folder_bytes(run.out)
+    (run.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# GPU run {report['started']}", "",
+             f"`{report['command']}` — {report['wall_seconds']:.0f} s of wall time (budget {TOTAL_BUDGET_S} s)"
+             + (" — SMOKE MODE (CPU, tiny budgets: the figures mean nothing)" if report["smoke"] else ""), "",
+             f"Environment: {json.dumps(report['stages'].get('env', {}).get('results', {}))}", "",
+             "| stage | status | seconds | limit |", "| --- | --- | --- | --- |"]
+    for name, stage in report["stages"].items():
+        lines.append(f"| {name} | {stage['status']} | {stage['seconds']:.0f} | {stage['limit_s']:.0f} |")
+    lines += ["", "| figure | achieved | target |", "| --- | --- | --- |"]
+    for key, target in TARGETS.items():
+        value = report["achieved"].get(key)
+        lines.append(f"| {key} | {'—' if value is None else round(value, 4)} | {target} |")
+    failures = [f"- **{n}**: {s['error']}" for n, s in report["stages"].items() if s.get("error")]
+    if failures:
+        lines += ["", "Failures:", *failures]
+    lines += ["", f"OUT_DIR holds {report['out_bytes'] / 1e6:.1f} MB (limit {MAX_OUT_BYTES / 1e6:.0f} MB)."]
+    (run.out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("out_dir", type=Path, nargs="?")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets on the CPU: checks the script, not the GPU")
+    parser.add_argument("--backbone", type=Path, help="CIFAR-10 checkpoint (best.pt) for the catsdogs stage")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fast-preset seeds")
+    parser.add_argument("--train-many", help=argparse.SUPPRESS)  # internal: JSON list of [name, argv]
+    args = parser.parse_args(argv)
+    if args.train_many:
+        sys.path.insert(0, str(REPO))
+        from training.train import parse_args, train
+
+        for _, train_argv in json.loads(args.train_many):
+            train(parse_args(train_argv))
+        return 0
+    if args.out_dir is None:
+        parser.error("OUT_DIR is required")
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {','.join(STAGES)}")
+    if args.smoke:
+        args.seeds = args.seeds[:1]
+    run = Run(args)
+    limits = SMOKE_LIMITS_S if args.smoke else LIMITS_S
+    deadline = run.started + (sum(SMOKE_LIMITS_S.values()) if args.smoke else TOTAL_BUDGET_S)
+    try:
+        for name in ["env", *[s for s in STAGES[1:] if s in stages]]:
+            started = time.monotonic()
+            run.stage_deadline = min(started + limits[name], deadline)
+            entry: dict[str, Any] = {"limit_s": run.stage_deadline - started}
+            print(f"== stage {name} (limit {entry['limit_s']:.0f}s)", flush=True)
+            try:
+                entry["results"] = STAGE_FUNCS[name](run)
+                entry["status"] = "ok"
+            except Exception as exc:  # a stage's failure is recorded; the next stages still run
+                entry["status"], entry["error"] = "failed", f"{type(exc).__name__}: {exc}"
+                print(f"stage {name} failed: {entry['error'][:2000]}", flush=True)
+            entry["seconds"] = round(time.monotonic() - started, 1)
+            run.report["stages"][name] = entry
+            write_report(run)
+        logs = run.out / "logs"
+        logs.mkdir(exist_ok=True)
+        for log in run.scratch.glob("*.log"):
+            shutil.copy(log, logs / log.name)
+        write_report(run)
+    finally:
+        shutil.rmtree(run.scratch, ignore_errors=True)
+    size = folder_bytes(run.out)
+    print(f"wrote {run.out}/report.md and report.json ({size / 1e6:.1f} MB in all)", flush=True)
+    if size > MAX_OUT_BYTES:
+        print(f"error: OUT_DIR holds {size / 1e6:.1f} MB, over the {MAX_OUT_BYTES / 1e6:.0f} MB limit", file=sys.stderr)
+        return 1
+    return 0 if all(s["status"] == "ok" for s in run.report["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

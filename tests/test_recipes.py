@@ -1,0 +1,93 @@
+"""Pure-function tests of the training recipe pieces: schedules, presets, whitening, lookahead, TTA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.nets import FastNet, TestTimeAugment, build_model
+from training.schedules import SCHEDULES, rates
+from training.train import PRESETS, Lookahead, param_groups, parse_args
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("steps", [1, 2, 7, 391])
+def test_every_schedule_runs_any_length_and_never_at_rate_zero(name: str, steps: int) -> None:
+    lrs = rates(name, steps, lr=0.1)
+    assert len(lrs) == steps
+    assert all(0 < lr <= 0.1 + 1e-12 for lr in lrs), lrs[:5]
+
+
+def test_schedule_shapes() -> None:
+    step = rates("step", 30, lr=1.0)
+    assert step[0] == 1.0 and step[10] == pytest.approx(0.1) and step[29] == pytest.approx(0.01)
+    one = rates("onecycle", 100, lr=1.0, warmup=0.25)
+    peak = max(range(100), key=one.__getitem__)
+    assert 20 <= peak <= 30 and one[0] == pytest.approx(0.2, abs=0.02) and one[-1] < 0.1
+    cos = rates("cosine", 100, lr=1.0, warmup=0.1)
+    assert cos[0] < cos[9] and max(cos) == pytest.approx(1.0, abs=1e-6) and cos[-1] < 0.01
+    with pytest.raises(ValueError, match="unknown schedule"):
+        rates("linear", 10)
+
+
+def test_preset_sets_defaults_and_explicit_flags_win() -> None:
+    args = parse_args(["--preset", "fast", "--out", "x"])
+    assert (args.model, args.epochs, args.tta, args.lr) == ("fastnet", 10, 2, PRESETS["fast"]["lr"])
+    args = parse_args(["--preset", "fast", "--epochs", "3", "--model", "fastnet_tiny", "--out", "x"])
+    assert (args.model, args.epochs) == ("fastnet_tiny", 3)
+    # a smaller batch keeps the preset's rate per image; an explicit --lr is taken as given
+    assert parse_args(["--preset", "fast", "--batch-size", "256", "--out", "x"]).lr == pytest.approx(
+        PRESETS["fast"]["lr"] / 4)
+    assert parse_args(["--preset", "fast", "--batch-size", "256", "--lr", "0.5", "--out", "x"]).lr == 0.5
+
+
+def test_norm_biases_get_their_own_rate_and_the_same_per_step_decay() -> None:
+    model = build_model("fastnet_tiny", 10)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    groups = param_groups(model, names, lr=0.1, weight_decay=1e-3, norm_bias_lr_scale=64)
+    assert len(groups) == 2
+    plain, scaled = groups
+    assert scaled["lr"] == pytest.approx(6.4) and scaled["lr"] * scaled["weight_decay"] == pytest.approx(1e-4)
+    assert plain["lr"] * plain["weight_decay"] == pytest.approx(1e-4)
+    frozen = {id(p) for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and not frozen & {id(p) for g in groups for p in g["params"]}  # frozen stay out
+
+
+def test_whitening_layer_decorrelates_patches() -> None:
+    torch.manual_seed(0)
+    mix = torch.tensor([[1.0, 0.8, 0.6], [0.0, 0.5, 0.4], [0.0, 0.0, 0.3]])
+    images = torch.einsum("ij,njhw->nihw", mix, torch.randn(200, 3, 16, 16))  # correlated channels
+    model = FastNet((8, 8, 8))
+    model.init_whitening(images)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(images, model.whiten.weight)  # no bias: the whitened patches
+    flat = out[:, :12].permute(1, 0, 2, 3).reshape(12, -1)
+    covariance = flat @ flat.T / flat.shape[1]
+    assert torch.allclose(covariance, torch.eye(12), atol=0.05)
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+
+
+def test_lookahead_pulls_fast_weights_toward_slow_ones() -> None:
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    lookahead = Lookahead(model, every=1, base=0.5, power=0.0)  # decay 0.5 at every step
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    lookahead.step(1, 10)
+    assert torch.allclose(model.weight, torch.full((1, 2), 0.5))
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    lookahead.step(10, 10)  # the last step ends on the slow weights, not on the latest fast ones
+    assert torch.allclose(model.weight, torch.full((1, 2), 0.5))
+
+
+def test_tta_level_2_averages_the_six_views() -> None:
+    model = build_model("fastnet_tiny", 10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, padded[:, :, :32, :32], padded[:, :, 2:, 2:]]
+    weights = [0.5, 0.25, 0.25]
+    with torch.no_grad():
+        expected = sum(w * (model(v) + model(v.flip(3))) / 2 for w, v in zip(weights, views))
+        assert torch.allclose(TestTimeAugment(model, 2)(x), expected, atol=1e-5)
+        assert torch.allclose(TestTimeAugment(model, 1)(x), TestTimeAugment(model, 1)(x.flip(3)), atol=1e-5)
