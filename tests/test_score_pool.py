@@ -69,9 +69,22 @@ def test_fast_path_matches_the_service_decoder_and_declines_the_rest(cifar_folde
     image.convert("L").save(gray, "JPEG")
     for declined in (exif.getvalue(), xmp.getvalue(), gray.getvalue(), blobs[1][:-40], b""):
         assert plain_jpeg_pixels(declined, (32, 32)) is None
-    assert plain_jpeg_pixels(blobs[2], (64, 64)) is None  # not at the model's size: resized elsewhere
+    assert np.array_equal(plain_jpeg_pixels(blobs[2], (64, 40)), decode_or_error(blobs[2], (64, 40)))  # resized
     # the XMP-rotated file really is rotated by the general path, which is why it is declined
     assert not np.array_equal(decode_or_error(xmp.getvalue(), (32, 32)), decode_or_error(blobs[0], (32, 32)))
+
+
+def test_fast_path_on_photos_resized_and_large(catsdogs_folder: Path) -> None:
+    photos = sorted((catsdogs_folder / "train").glob("*.jpg"))[:40]
+    for path in photos:
+        blob = path.read_bytes()
+        fast = plain_jpeg_pixels(blob, (96, 96))
+        assert fast is not None and np.array_equal(fast, decode_or_error(blob, (96, 96)))
+    big, medium = io.BytesIO(), io.BytesIO()
+    Image.open(photos[0]).resize((1600, 1200)).save(big, "JPEG")
+    Image.open(photos[0]).resize((500, 380)).save(medium, "JPEG")
+    assert plain_jpeg_pixels(big.getvalue(), (96, 96)) is None  # the general path decodes it at 1/2 scale
+    assert np.array_equal(plain_jpeg_pixels(medium.getvalue(), (96, 96)), decode_or_error(medium.getvalue(), (96, 96)))
 
 
 def test_decode_batch_lists_unreadable_files(cifar_folder: Path, tmp_path: Path) -> None:
