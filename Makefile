@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 
-.PHONY: setup test serve train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs lint clean
+.PHONY: setup test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs lint clean
 
 setup: $(VENV)/.installed
 
@@ -18,13 +18,29 @@ $(VENV)/.installed: requirements.lock
 test: setup
 	$(PY) -m pytest
 
+# The quick tier of the same suite: no server, dataset, training or packaging (tests/conftest.py
+# marks those `slow`); under a minute.
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
 # Port: IMGCLF_PORT from the environment, else PORT (make serve PORT=8103), else 3000.
 serve: setup
 	IMGCLF_PORT=$${IMGCLF_PORT:-$(PORT)} $(PY) -m service.serve
 
+# The one GPU run: trains the fast and shipping recipes, exports them into runs/gpu-run/registry,
+# benchmarks scoring and serving; <= 8 min on one H100 (docs/BENCHMARKS.md). --smoke: CPU, tiny.
+gpu-run: setup
+	$(PY) benchmarks/gpu_run.py runs/gpu-run
+
+# The fast preset once (docs/TRAINING.md); on a CPU pass e.g. ARGS="--limit-train 10000 --epochs 3".
+train-fast: setup
+	$(PY) -m training.train --preset fast --out runs/cifar10-fast $(ARGS)
+
 # The shipped models were made by these targets (numbers in models/*/card.json and docs/TRAINING.md).
 # CIFAR-10 in three CPU-sized sessions: 8 epochs, then 10 more from that checkpoint (a second
-# warm-up + decay cycle at half the learning rate), then 12 more the same way. Cats vs dogs was
+# warm-up + decay cycle at half the learning rate), then 12 more the same way. (They ran with the
+# hand-written warm-up from 0 + linear decay to 0 that the onecycle schedule has since replaced:
+# the same shape, from 0.2x to 0.07x the peak rate instead of 0 to 0.) Cats vs dogs was
 # transferred from the second session's checkpoint.
 train-cifar10 runs/cifar10-resnet20-more/best.pt: setup
 	$(PY) -m training.train --dataset cifar10 --model resnet20 --epochs 8 --out runs/cifar10-resnet20

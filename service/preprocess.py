@@ -187,7 +187,7 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             "not_an_image",
             f"could not identify an image; accepted formats: {', '.join(ACCEPTED_FORMATS)}",
         ) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:  # corrupt headers
+    except CORRUPT_DATA_ERRORS as exc:  # corrupt headers
         raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
     check_dimensions(*image.size, max_pixels * DECODE_BYTES_PER_PIXEL
                      // FORMAT_BYTES_PER_PIXEL.get(image.format or "", DECODE_BYTES_PER_PIXEL))
@@ -237,24 +237,42 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     return load_rgb(open_for(data, size, max_pixels))
 
 
+# What Pillow raises on corrupt data, from its format plugins (Python) and decoders (C); the
+# fuzzers (benchmarks/fuzz_decode.py, tests/test_fuzz.py) check that nothing else escapes.
+CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
+                       TypeError, ZeroDivisionError)
+
+
+@contextmanager
+def pillow_errors() -> Iterator[None]:
+    """Turn Pillow's exceptions on hostile data into :class:`ImageError` codes."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("image_too_large", str(exc)) from None
+    except CORRUPT_DATA_ERRORS as exc:
+        raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+
+
 def open_for(data: bytes, size: Sequence[int] | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """:func:`open_checked`, then ask a large JPEG for a reduced decode fitting ``size``."""
     image = open_checked(data, max_pixels)
-    if size is not None and (request := draft_request(image, size)) is not None:
-        image.draft(None, request)
+    if size is not None:
+        with pillow_errors():  # the EXIF block is parsed here, and it may be corrupt
+            if (request := draft_request(image, size)) is not None:
+                image.draft(None, request)
     return image
 
 
 def load_rgb(image: Image.Image) -> Image.Image:
     """Decode a lazily opened image's pixels and convert them (:func:`to_rgb`), or raise ImageError."""
-    try:
+    with pillow_errors():
         image.load()  # full decode here: truncated data and bad CRCs surface now
         return to_rgb(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError("image_too_large", str(exc)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
-            TypeError, ZeroDivisionError) as exc:  # Pillow's errors on corrupt data
-        raise ImageError("corrupt_image", f"{type(exc).__name__}: {exc}") from None
 
 
 def decode_to_array(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

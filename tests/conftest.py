@@ -128,3 +128,20 @@ def engine_service_server() -> Iterator[Server]:
                   "IMGCLF_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
     yield srv
     srv.stop()
+
+
+# --- test tiers (reliability; see docs/RELIABILITY.md) ------------------------------------------
+# `make test-fast` runs `pytest -m "not slow"`: pure functions only, under a minute. A test is slow
+# when it starts a server, reads a dataset or trains (directly or through another fixture), or
+# lives in a file that serves or packages for real. `make test` runs both tiers.
+SLOW_FIXTURES = {"server", "engine_service_server", "lone_model_server", "cifar_folder", "catsdogs_folder",
+                 "tiny_run"}
+SLOW_FILES = {"test_service.py", "test_packaging.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SLOW_FIXTURES or any(name.endswith("_server") for name in fixtures) \
+                or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
