@@ -4,13 +4,15 @@ and ``bentoml build`` makes a Bento holding the service and the models."""
 from __future__ import annotations
 
 import os
+import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import threading
 import time
+from importlib import metadata
 from pathlib import Path
 
 import httpx
@@ -29,10 +31,20 @@ def pins(path: Path) -> dict[str, str]:
     return found
 
 
-def test_serving_pins_agree_with_the_lock() -> None:
+def test_serving_pins_agree_with_the_lock_and_the_environment() -> None:
+    """requirements-serve.txt pins what requirements.lock pins, and this environment (made from
+    the lock by `make setup`) has exactly those versions installed."""
     lock, serve = pins(REPO / "requirements.lock"), pins(REPO / "requirements-serve.txt")
     assert serve and all(lock.get(name) == version for name, version in serve.items()), (serve, lock)
-    assert lock["torch"] == "2.14.1" and lock["torchvision"] == "0.29.1"
+    for name in ("torch", "torchvision", *serve):
+        assert metadata.version(name) == lock[name], name
+
+
+def test_locked_environment_is_consistent() -> None:
+    """Every installed package's own requirements are met (e.g. torchvision's torch range by the
+    locked torch): `pip check` fails when the lock pins an incompatible pair."""
+    result = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_lints_clean() -> None:
@@ -53,6 +65,48 @@ def test_dockerfile_install_command_is_satisfied_offline() -> None:
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Would install" not in result.stdout  # the lock already pins everything it needs
+
+
+def read_until(sock: socket.socket, marker: bytes, buffer: bytes = b"") -> tuple[bytes, bytes]:
+    """Bytes up to and including ``marker``, and what was read past it."""
+    while marker not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed before {marker!r}: {buffer[:300]!r}")
+        buffer += chunk
+    head, rest = buffer.split(marker, 1)
+    return head + marker, rest
+
+
+def post_with_expect_continue(port: int, path: str, files: list, on_continue) -> tuple[int, bytes]:
+    """POST a multipart body over a raw HTTP/1.1 connection with ``Expect: 100-continue``: send the
+    headers, wait for the server's ``100 Continue``, call ``on_continue()``, then send the body.
+    Returns the final status and body (Content-Length or chunked)."""
+    request = httpx.Request("POST", f"http://127.0.0.1:{port}{path}", files=files)
+    body = request.read()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {request.headers['content-type']}\r\n"
+            f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(head)
+        interim, rest = read_until(sock, b"\r\n\r\n")
+        assert interim.startswith(b"HTTP/1.1 100"), interim  # not a final answer before the body
+        on_continue()
+        sock.sendall(body)
+        response, rest = read_until(sock, b"\r\n\r\n", rest)
+        while chunk := sock.recv(65536):
+            rest += chunk
+    status = int(response.split(b" ", 2)[1])
+    headers = response.lower()
+    if b"transfer-encoding: chunked" in headers:
+        payload = b""
+        while True:
+            size_line, rest = rest.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            payload, rest = payload + rest[:size], rest[size + 2:]
+        return status, payload
+    return status, rest
 
 
 def test_entrypoint_serves_and_drains_on_sigterm(cifar_folder: Path) -> None:
@@ -77,19 +131,14 @@ def test_entrypoint_serves_and_drains_on_sigterm(cifar_folder: Path) -> None:
         else:
             pytest.fail("entrypoint did not become ready")
         photos = sorted((cifar_folder / "test" / "frog").glob("*.jpg"))[:64]
-        files = [("images", (p.name, p.read_bytes())) for p in photos]
-        result: dict = {}
-
-        def slow_request() -> None:
-            result["response"] = httpx.post(url + "/classify_batch", files=files, timeout=60)
-
-        worker = threading.Thread(target=slow_request)
-        worker.start()
-        time.sleep(0.3)  # the request is in flight when the signal arrives
-        os.killpg(proc.pid, signal.SIGTERM)
-        worker.join(60)
-        assert result["response"].status_code == 200
-        assert len(result["response"].json()["results"]) == 64
+        files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+        # SIGTERM goes out only once the server has provably started the request: its "100 Continue"
+        # answer to `Expect: 100-continue` is sent when the app first reads the body. The body
+        # follows the signal, so the whole request is served during the drain.
+        status, body = post_with_expect_continue(port, "/classify_batch", files,
+                                                 on_continue=lambda: os.killpg(proc.pid, signal.SIGTERM))
+        assert status == 200, body[:500]
+        assert len(json.loads(body)["results"]) == 64
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
