@@ -693,12 +693,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     labels = LabelFinder(classes)
     rows, errors = list(previous), []
     interrupted, failure = False, None
-    started = time.perf_counter()
     try:
         batches = scorer.score(todo, root)  # local: the first batches decode while the model loads
     except BaseException:
         scorer.close(cancel=True)
         raise
+    started = time.perf_counter()  # the rate reported is from model ready to the last batch
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), unit="img", desc=f"scoring {args.folder}", file=sys.stderr, smoothing=0.1,
