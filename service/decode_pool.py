@@ -24,7 +24,7 @@ import signal
 import struct
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -41,6 +41,9 @@ class DecodedBatch:
     pixels: np.ndarray
     good: list[int]
     errors: list[tuple[int, str, str]] = field(default_factory=list)
+    # with ``gpu_jpegs``: (index, file bytes) of the plain JPEGs already at the model's size, left
+    # for the GPU's JPEG decoder (not in ``good``)
+    jpegs: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 # JPEG markers a "plain" file may carry before its scan: JFIF (APP0), Adobe (APP14), comments, tables,
@@ -99,18 +102,44 @@ def plain_jpeg_pixels(data: bytes, size: Sequence[int], max_pixels: int = DEFAUL
     return image_to_uint8(image, size)
 
 
-def decode_batch(paths: Sequence[str], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedBatch:
-    """Read and decode ``paths`` into one array at ``size`` (h, w); failures are listed, not raised."""
-    out = np.empty((len(paths), 3, *size), dtype=np.uint8)
+def decode_batch(paths: Sequence[str], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 gpu_jpegs: bool = False) -> DecodedBatch:
+    """Read and decode ``paths`` into one array at ``size`` (h, w); failures are listed, not raised.
+    With ``gpu_jpegs``, plain JPEGs already at ``size`` are returned undecoded in ``jpegs``. Files
+    are read one at a time, as they are decoded (a worker holds one file's bytes, not a batch's)."""
+    unreadable: list[tuple[int, str, str]] = []
+    jpegs: list[tuple[int, bytes]] = []
+
+    def read() -> Iterator[tuple[int, bytes]]:
+        for i, path in enumerate(paths):
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError as exc:
+                unreadable.append((i, "unreadable_file", f"{type(exc).__name__}: {exc}"))
+                continue
+            if gpu_jpegs and plain_jpeg_header(data) == (size[1], size[0]):
+                jpegs.append((i, data))
+            else:
+                yield i, data
+
+    batch = decode_files(read(), size, max_pixels, capacity=len(paths))
+    batch.errors = sorted(unreadable + batch.errors)
+    batch.jpegs = jpegs
+    return batch
+
+
+def decode_files(items: Iterable[tuple[int, bytes]], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 capacity: int | None = None) -> DecodedBatch:
+    """(index, bytes) pairs -> a :class:`DecodedBatch` indexed by those indices (also the GPU
+    decoder's fallback for a batch nvJPEG refuses). ``capacity``: the most images to expect."""
+    if capacity is None:
+        items = list(items)
+        capacity = len(items)
+    out = np.empty((capacity, 3, *size), dtype=np.uint8)
     good: list[int] = []
     errors: list[tuple[int, str, str]] = []
-    for i, path in enumerate(paths):
-        try:
-            with open(path, "rb") as handle:
-                data = handle.read()
-        except OSError as exc:
-            errors.append((i, "unreadable_file", f"{type(exc).__name__}: {exc}"))
-            continue
+    for i, data in items:
         pixels = plain_jpeg_pixels(data, size, max_pixels)
         if pixels is None:
             result = decode_or_error(data, size, max_pixels)
@@ -144,8 +173,8 @@ def resolve_workers(value: str | int) -> int:
 class _Inline:
     """The ``workers=0`` path: decodes in the calling process when the result is asked for."""
 
-    def __init__(self, paths: Sequence[str], size: Sequence[int], max_pixels: int) -> None:
-        self.args = (paths, size, max_pixels)
+    def __init__(self, paths: Sequence[str], size: Sequence[int], max_pixels: int, gpu_jpegs: bool) -> None:
+        self.args = (paths, size, max_pixels, gpu_jpegs)
 
     def result(self) -> DecodedBatch:
         return decode_batch(*self.args)
@@ -167,10 +196,12 @@ class DecodePool:
     the model's.
     """
 
-    def __init__(self, workers: int, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(self, workers: int, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 gpu_jpegs: bool = False) -> None:
         self.workers = workers
         self.size = tuple(size)
         self.max_pixels = max_pixels
+        self.gpu_jpegs = gpu_jpegs
         self.executor: ProcessPoolExecutor | None = None
         if workers > 0:
             methods = multiprocessing.get_all_start_methods()
@@ -180,8 +211,8 @@ class DecodePool:
 
     def submit(self, paths: Sequence[str]) -> "Future[DecodedBatch] | _Inline":
         if self.executor is None:
-            return _Inline(list(paths), self.size, self.max_pixels)
-        return self.executor.submit(decode_batch, list(paths), self.size, self.max_pixels)
+            return _Inline(list(paths), self.size, self.max_pixels, self.gpu_jpegs)
+        return self.executor.submit(decode_batch, list(paths), self.size, self.max_pixels, self.gpu_jpegs)
 
     def close(self, cancel: bool = False) -> None:
         if self.executor is not None:

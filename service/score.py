@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from service.config import Settings
-from service.decode_pool import DecodePool, resolve_workers
+from service.decode_pool import DecodePool, decode_files, resolve_workers
 from service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_or_error
 from service.registry import LoadedModel, RegistryError, load_model, read_card, verify_artifact
 
@@ -188,14 +188,56 @@ class PinnedCudaRunner:
         self.pinned = torch.empty((batch_size, 3, *size), dtype=torch.uint8).pin_memory()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
         staging = self.pinned[:len(batch)]
         staging.numpy()[...] = batch
+        return self.run_cuda(staging.to("cuda", non_blocking=True))  # .cpu() at the end waits: staging is free
+
+    def run_cuda(self, x: Any) -> np.ndarray:
+        """(N, 3, H, W) uint8 CUDA tensor -> (N, classes) float32 probabilities."""
+        torch = self.torch
         with torch.inference_mode():
-            x = staging.to("cuda", non_blocking=True)
             x = ((x.float() / self.scale - self.mean) / self.std).half()
             x = x.contiguous(memory_format=torch.channels_last)
-            return self.module(x).float().cpu().numpy()  # .cpu() waits, so staging is free again
+            return self.module(x).float().cpu().numpy()
+
+
+class GpuJpegDecoder:
+    """``--decode gpu``: the plain JPEGs already at the model's size that the workers handed over
+    undecoded are decoded by nvJPEG (``torchvision.io.decode_jpeg(..., device="cuda")``), one call
+    per batch, and joined on the GPU with the files the workers decoded.
+
+    nvJPEG's pixels are not libjpeg-turbo's (its IDCT and upsampling round differently), so the
+    probabilities differ slightly from ``--decode cpu``'s: it is opt-in, never picked on its own.
+    """
+
+    def __init__(self, size: Sequence[int], max_pixels: int) -> None:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self.torch, self.decode_jpeg, self.rgb = torch, decode_jpeg, ImageReadMode.RGB
+        self.size, self.max_pixels = tuple(size), max_pixels
+
+    def assemble(self, batch: Any) -> tuple[Any, list[int], list[tuple[int, str, str]]]:
+        """A :class:`~service.decode_pool.DecodedBatch` -> (uint8 CUDA tensor in file order, the
+        files' indices, errors)."""
+        torch = self.torch
+        good, errors = list(batch.good), list(batch.errors)
+        parts = [torch.from_numpy(batch.pixels).to("cuda")] if good else []
+        blobs = [data for _, data in batch.jpegs]
+        try:
+            decoded = self.decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs],
+                                       mode=self.rgb, device="cuda")
+            good += [i for i, _ in batch.jpegs]
+            parts.append(torch.stack(decoded))
+        except RuntimeError:  # a corrupt file in the batch: the CPU decoder sorts them out one by one
+            fallback = decode_files(batch.jpegs, self.size, self.max_pixels)
+            good += fallback.good
+            errors += fallback.errors
+            if fallback.good:
+                parts.append(torch.from_numpy(fallback.pixels).to("cuda"))
+        order = sorted(range(len(good)), key=good.__getitem__)
+        images = torch.cat(parts)[torch.tensor(order, device="cuda")] if parts else None
+        return images, [good[k] for k in order], sorted(errors)
 
 
 class LocalScorer:
@@ -203,16 +245,17 @@ class LocalScorer:
     runs on the previous one; ``workers + 1`` batches are in flight (at least 2)."""
 
     def __init__(self, models_dir: Path, model: str, backend: str, device: str, batch_size: int,
-                 workers: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 workers: int, max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "cpu") -> None:
         self.folder = model_folder(models_dir, model)
         self.card = read_card(self.folder)
-        self.backend, self.device = backend, device
-        self.batch_size = batch_size
+        self.backend, self.device, self.decode = backend, device, decode
+        self.batch_size, self.max_pixels = batch_size, max_pixels
         self.ahead = max(2, workers + 1)
         # workers first: they fork from a process with no model and no threads yet
-        self.pool = DecodePool(workers, self.card["input"]["size"], max_pixels)
+        self.pool = DecodePool(workers, self.card["input"]["size"], max_pixels, gpu_jpegs=decode == "gpu")
         self.model: LoadedModel | None = None
         self.run: Callable[[np.ndarray], np.ndarray] = self._not_loaded
+        self.gpu: GpuJpegDecoder | None = None
 
     @staticmethod
     def _not_loaded(batch: np.ndarray) -> np.ndarray:
@@ -232,6 +275,16 @@ class LocalScorer:
         if self.backend == "torchscript" and self.model.backend.device == "cuda":
             spec = self.model.spec
             self.run = PinnedCudaRunner(self.model.backend.module, spec.mean, spec.std, self.batch_size, spec.size)
+        if self.decode == "gpu":
+            if self.model.backend.device != "cuda":
+                self.pool.close(cancel=True)
+                raise ScoreError(f"--decode gpu needs the model on a CUDA GPU; it runs on {self.model.backend.device}")
+            self.gpu = GpuJpegDecoder(self.model.spec.size, self.max_pixels)
+
+    def _run_cuda(self, images: Any) -> np.ndarray:
+        if isinstance(self.run, PinnedCudaRunner):
+            return self.run.run_cuda(images)
+        return self.run(images.cpu().numpy())  # ONNX Runtime takes host arrays
 
     def score(self, paths: Sequence[Path], root: Path) -> Iterator[ScoredBatch]:
         """Submit the first batches, load the model, then yield scored batches in order."""
@@ -254,6 +307,11 @@ class LocalScorer:
                 if n + self.ahead < len(starts):
                     j = starts[n + self.ahead]
                     pending.append(self.pool.submit(files[j:j + self.batch_size]))
+                if self.gpu is not None and decoded.jpegs:
+                    images, good, errors = self.gpu.assemble(decoded)
+                    probabilities = self._run_cuda(images) if good else np.empty((0, 0), np.float32)
+                    yield ScoredBatch(names[i:i + self.batch_size], probabilities, good, errors)
+                    continue
                 probabilities = self.run(decoded.pixels) if decoded.good else np.empty((0, 0), np.float32)
                 yield ScoredBatch(names[i:i + self.batch_size], probabilities, decoded.good, decoded.errors)
         finally:
@@ -627,6 +685,9 @@ def make_parser(settings: Settings) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", default="auto",
                         help="decode processes: auto (cores - 1, at least 1), or N; 0 decodes in this process")
+    parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: nvJPEG for plain JPEGs at the model's size (CUDA; probabilities differ "
+                             "slightly from cpu's libjpeg-turbo pixels)")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight with --url")
     parser.add_argument("--actors", type=int, default=1, help="model replicas with --engine ray")
     parser.add_argument("--backend", default=settings.backend, choices=["onnx", "torchscript"])
@@ -665,7 +726,7 @@ def make_scorer(args: argparse.Namespace, settings: Settings) -> Any:
         return RayScorer(args.models_dir, args.model, args.backend, args.device, args.batch_size,
                          args.actors, settings.max_pixels)
     return LocalScorer(args.models_dir, args.model, args.backend, args.device, args.batch_size,
-                       args.workers, settings.max_pixels)
+                       args.workers, settings.max_pixels, args.decode)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -136,3 +136,44 @@ def test_pinned_cuda_runner_gives_the_registry_backends_bytes(cifar_folder: Path
     assert isinstance(scorer.run, score.PinnedCudaRunner)
     assert np.array_equal(scorer.run(images), scorer.model.predict(images))
     scorer.close()
+
+
+def test_gpu_jpeg_hand_off_leaves_only_plain_jpegs_at_size_undecoded(mixed_folder: Path) -> None:
+    files = sorted(str(p) for p in mixed_folder.rglob("*") if p.is_file())
+    cpu, handed = decode_batch(files, (32, 32)), decode_batch(files, (32, 32), gpu_jpegs=True)
+    names = [Path(f).name for f in files]
+    assert sorted(names[i] for i, _ in handed.jpegs) == sorted(p.name for p in (mixed_folder / "horses").glob("0*.jpg"))
+    assert sorted(names[i] for i in handed.good) == ["as.png", "gray.jpg", "large.jpg", "rotated.jpg"]
+    assert handed.errors == cpu.errors and sorted(handed.good + [i for i, _ in handed.jpegs]) == cpu.good
+
+
+def test_gpu_decode_without_a_gpu_is_one_line(mixed_folder: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    if score.cuda_present():
+        pytest.skip("a GPU is present")
+    code = score.main([str(mixed_folder), "--out", str(tmp_path / "p.csv"), "--decode", "gpu",
+                       "--models-dir", str(SHIPPED_MODELS)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --decode gpu needs the model on a CUDA GPU; it runs on cpu"]
+
+
+@pytest.mark.skipif(not score.cuda_present(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torchscript", "onnx"])
+def test_gpu_decode_agrees_with_cpu_decode(mixed_folder: Path, cifar_folder: Path, tmp_path: Path,
+                                           backend: str) -> None:
+    import csv
+
+    for src in sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[:300]:
+        shutil.copy(src, mixed_folder / "horses" / f"s{src.name}")
+    rows = {}
+    for decode in ("cpu", "gpu"):
+        out = tmp_path / f"{decode}.csv"
+        assert score.main([str(mixed_folder), "--out", str(out), "--decode", decode, "--device", "cuda",
+                           "--backend", backend, "--batch-size", "64", "--models-dir", str(SHIPPED_MODELS)]) == 1
+        with open(out, newline="") as handle:
+            rows[decode] = list(csv.DictReader(handle))
+    assert [r["path"] for r in rows["cpu"]] == [r["path"] for r in rows["gpu"]]
+    agree = np.mean([a["label"] == b["label"] for a, b in zip(rows["cpu"], rows["gpu"])])
+    drift = np.mean([abs(float(a["probability"]) - float(b["p_" + a["label"]])) for a, b in zip(rows["cpu"], rows["gpu"])])
+    assert agree >= 0.97 and drift < 0.02
+    assert (tmp_path / "gpu.csv.errors.csv").read_text() == (tmp_path / "cpu.csv.errors.csv").read_text()
