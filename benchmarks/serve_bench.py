@@ -107,6 +107,9 @@ async def _drive(url: str, method: str, bodies: list[bytes], connections: int, s
 
     async def worker(session: aiohttp.ClientSession, offset: int) -> None:
         nonlocal sent
+        # open the connections a little apart: BentoML's workers share one listening socket, and
+        # a burst of connects is accepted by whichever worker wakes first
+        await asyncio.sleep(offset * 0.003)
         i = offset
         while time.perf_counter() < stop_at:
             body = bodies[i % len(bodies)] if bodies else b""

@@ -42,11 +42,19 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def api_workers() -> int:
-    """``IMGCLF_API_WORKERS``: a number, or ``auto`` (default): one per host core."""
+CORES_PER_INPROCESS_WORKER = 4
+
+
+def api_workers(layout: str) -> int:
+    """``IMGCLF_API_WORKERS``: a number, or ``auto`` (default), which uses the host's cores:
+    with the engine service (GPU hosts) one API worker per core, since the workers only parse and
+    decode; with the models in the API workers (``inprocess``, CPU hosts) one worker per
+    ``CORES_PER_INPROCESS_WORKER`` cores, each running the models on its share of the cores
+    (measured on 2 cores: one worker with 2 inference threads beats two with one, docs/SERVING.md)."""
     raw = (os.environ.get("IMGCLF_API_WORKERS") or "auto").strip()
     if raw == "auto":
-        return host_cores()
+        cores = host_cores()
+        return cores if layout == "service" else max(1, cores // CORES_PER_INPROCESS_WORKER)
     workers = _int("IMGCLF_API_WORKERS", 1)
     if workers < 1:
         raise SystemExit(f"IMGCLF_API_WORKERS={raw!r}: expected a positive integer or 'auto'")
@@ -59,10 +67,11 @@ def timeout_s() -> int:
 
 def bentoml_options() -> dict[str, Any]:
     """What BentoML needs when it loads the service module, before any service object exists: the
-    decorators' worker count, timeout and access-log switch, and the engine layout (which decides
-    whether the engine service is part of the graph)."""
-    return {"workers": api_workers(), "timeout_s": timeout_s(),
+    decorators' timeout, access-log and tracing switches, and the engine and device settings, which
+    decide the layout (whether the engine service is part of the graph) and so the worker count."""
+    return {"timeout_s": timeout_s(),
             "access_log": _int("IMGCLF_ACCESS_LOG", 0) == 1,
+            "tracing": _int("IMGCLF_TRACING", 0) == 1,
             "engine": _choice("IMGCLF_ENGINE", "auto", ("auto", "inprocess", "service")),
             "device": _choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda"))}
 
@@ -83,7 +92,6 @@ class Settings:
     max_body_bytes: int
     max_pixels: int
     max_files: int
-    api_workers: int
     engine_threads: int  # 0: the host's cores split between the API workers
     timeout_s: int
     body_timeout_s: float  # a request body not received within this gets 408
@@ -110,7 +118,6 @@ class Settings:
             max_body_bytes=_int("IMGCLF_MAX_BODY_BYTES", 8 * 1024 * 1024),
             max_pixels=_int("IMGCLF_MAX_PIXELS", 40_000_000),
             max_files=_int("IMGCLF_MAX_FILES", 64),
-            api_workers=api_workers(),
             engine_threads=_int("IMGCLF_ENGINE_THREADS", 0),
             timeout_s=timeout,
             body_timeout_s=float(_int("IMGCLF_BODY_TIMEOUT_S", timeout)),
@@ -129,6 +136,6 @@ class Settings:
             return names[0]
         return FALLBACK_DEFAULT_MODEL
 
-    def threads_per_worker(self) -> int:
+    def threads_per_worker(self, workers: int) -> int:
         """Inference threads per API worker (``IMGCLF_ENGINE_THREADS``, else the cores split)."""
-        return self.engine_threads or max(1, host_cores() // self.api_workers)
+        return self.engine_threads or max(1, host_cores() // workers)

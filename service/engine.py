@@ -12,8 +12,9 @@ is decoded and run with **one** call of the runner:
   ``workers x batches/s`` calls, never one call per request, and no stage that sees every request
   is a single process.
 
-The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated from the
-measured time per image), or that finds ``max_queue`` images waiting, is refused at once with
+The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated as the
+batches ahead of it times the recent batch run time), or that finds ``max_queue`` images waiting,
+is refused at once with
 :class:`Overloaded` (the API answers 503 + ``Retry-After``); a request still queued when its wait
 passes the cap, or whose client has gone, is dropped before it runs.
 """
@@ -147,13 +148,16 @@ class Batcher:
         self.queue: deque[Job] = deque()
         self.in_flight = 0  # images in batches being run
         self.running = 0  # batches being run
-        self.seconds_per_image = 0.0  # moving average of run time per image (0: not measured yet)
+        self.batch_seconds = 0.0  # moving average of a batch's run time (0: not measured yet)
         self.batches = 0  # batches run (one runner call each)
         self.dropped = 0  # jobs dropped before running: client gone or waited past the cap
 
     def expected_wait_s(self, extra: int) -> float:
-        ahead = len(self.queue) + self.in_flight + extra
-        return ahead * self.seconds_per_image / self.in_flight_limit
+        """Time until ``extra`` more images would be answered: the batches ahead of them (the
+        running ones, then the queue in full batches) at the recent batch run time. Batch time
+        grows slower than batch size, so this is not images x time per image."""
+        batches = self.running + math.ceil((len(self.queue) + extra) / self.max_batch_size)
+        return batches * self.batch_seconds / self.in_flight_limit
 
     def submit(self, model: str, blobs: Sequence[bytes], size: tuple[int, int]) -> list[asyncio.Future[Any]]:
         """Queue one job per blob; raises :class:`Overloaded` when the queue cannot take them."""
@@ -207,9 +211,8 @@ class Batcher:
             rows: list[Any] = await self.runner(batch)
         except Exception as exc:  # every job of the batch fails with it; the queue lives on
             rows = [exc] * len(batch)
-        per_image = (time.perf_counter() - began) / len(batch)
-        self.seconds_per_image = per_image if not self.seconds_per_image else (
-            0.8 * self.seconds_per_image + 0.2 * per_image)
+        took = time.perf_counter() - began
+        self.batch_seconds = took if not self.batch_seconds else 0.8 * self.batch_seconds + 0.2 * took
         self.batches += 1
         self.running -= 1
         self.in_flight -= len(batch)

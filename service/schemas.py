@@ -116,7 +116,7 @@ def openapi_document(models: list[str], default_model: str, version: str = "1") 
     error_404 = {"description": "the model is not served", "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {"title": "imgclf image classifier", "version": version,
                  "description": "Image classification. Every non-200 answer is JSON "
                                 "`{\"error\": code, \"detail\": ...}`."},
@@ -130,7 +130,7 @@ def openapi_document(models: list[str], default_model: str, version: str = "1") 
                 "summary": "Classify several images (results keep upload order)", "operationId": "classify_batch",
                 "requestBody": _form("images", True, models, default_model),
                 "responses": {"200": ok("BatchPrediction"),
-                              **_error_responses({"no_file", "empty_file", "not_an_image", "corrupt_image",
+                              **_error_responses({"empty_file", "not_an_image", "corrupt_image",
                                                   "image_too_large"})},
             }},
             "/models": {"get": {"summary": "The served models' cards", "operationId": "list_models",

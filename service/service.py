@@ -1,7 +1,7 @@
 """The BentoML services. ``bentoml serve service.service:ImageClassifier`` (or ``python -m service.serve``).
 
-* ``ImageClassifier``, the entry point: BentoML runs its workers (``IMGCLF_API_WORKERS``, default
-  one per core) and serves ``/livez``, ``/readyz``, ``/metrics``; the API itself is the Starlette
+* ``ImageClassifier``, the entry point: BentoML runs its workers (``IMGCLF_API_WORKERS``; ``auto``,
+  the default, uses the host's cores: see :func:`service.config.api_workers`) and serves ``/livez``, ``/readyz``, ``/metrics``; the API itself is the Starlette
   app of :mod:`service.app`, mounted with BentoML's public ``@bentoml.asgi_app``.
 * where the models run (``IMGCLF_ENGINE``; ``auto``: ``service`` when CUDA is usable, else
   ``inprocess``), see :mod:`service.engine`: each API worker batches its requests and runs a batch
@@ -19,6 +19,7 @@ the request timeout, the access log switch and the engine layout (:func:`service
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any
@@ -28,7 +29,7 @@ import bentoml
 import numpy as np
 
 from service.app import Api, ApiHolder, build_app
-from service.config import Settings, bentoml_options
+from service.config import Settings, api_workers, bentoml_options
 from service.engine import Batcher, LocalRunner, RemoteRunner, run_models, warm_up
 from service.logs import configure_logging
 from service.registry import LoadedModel, RegistryError, cuda_usable, load_cards, load_registry
@@ -77,6 +78,7 @@ def load_models(settings: Settings, layout: str, threads: int) -> dict[str, Load
 
 _OPTIONS = bentoml_options()  # what BentoML's decorators need (see module doc)
 LAYOUT = engine_layout(_OPTIONS["engine"], _OPTIONS["device"])
+WORKERS = api_workers(LAYOUT)
 HOLDER = ApiHolder()
 app = build_app(HOLDER)
 
@@ -108,9 +110,12 @@ class InferenceEngine:
 
 @bentoml.service(
     name="image-classifier",
-    workers=_OPTIONS["workers"],
+    workers=WORKERS,
     traffic={"timeout": _OPTIONS["timeout_s"] + 1},  # our own 408/503 answer first
     logging={"access": {"enabled": _OPTIONS["access_log"]}},
+    # OpenTelemetry spans for every request cost ~12 % of a worker's CPU (profile in
+    # docs/SERVING.md); the classify routes are traced only with IMGCLF_TRACING=1.
+    **({} if _OPTIONS["tracing"] else {"tracing": {"excluded_urls": ["/classify", "/classify_batch"]}}),
 )
 @bentoml.asgi_app(app, path="/")
 class ImageClassifier:
@@ -138,7 +143,7 @@ class ImageClassifier:
             runner: Any = RemoteRunner(self._engine_call, settings.max_pixels)
             logger.info("models run in the inference-engine service (engine=service)")
         else:
-            models = load_models(settings, layout, settings.threads_per_worker())
+            models = load_models(settings, layout, settings.threads_per_worker(api_workers(layout)))
             runner = LocalRunner(models, settings.max_pixels, observe_batch)
         batcher = Batcher(runner, settings.max_batch_size, settings.max_latency_ms, settings.max_queue,
                           settings.batching, in_flight=2 if layout == "service" else 1)
@@ -147,6 +152,10 @@ class ImageClassifier:
                          on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
                                                                             status=str(status)).inc(),
                          openapi=_openapi_bytes(cards, default))
+        # Everything loaded so far lives as long as the worker: move it out of the collector's
+        # way, so the periodic full collections that requests trigger stay short.
+        gc.collect()
+        gc.freeze()
 
     async def _engine_call(self, model: str, pixels: np.ndarray) -> np.ndarray:
         """One batch to the engine; inference is idempotent, so a dropped connection is retried."""

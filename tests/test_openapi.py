@@ -1,0 +1,74 @@
+"""The OpenAPI document is exact: what the server answers is what the document says it answers.
+
+Every answer of the hostile-input suite (and a real 200 of each endpoint) is checked against the
+document the server serves: the status is declared for that path, the body validates against the
+declared schema, and the error code is one the document lists for that status.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from jsonschema import Draft202012Validator
+from PIL import Image
+
+from conftest import Server
+from test_service import BAD_INPUTS, encode, post
+
+
+@pytest.fixture(scope="module")
+def spec(server: Server) -> dict:
+    return httpx.get(server.url + "/openapi.json").json()
+
+
+def response_schema(spec: dict, path: str, method: str, status: int) -> dict:
+    responses = spec["paths"][path][method]["responses"]
+    assert str(status) in responses, f"{method.upper()} {path} answered {status}, which the document does not declare"
+    schema = responses[str(status)]["content"]["application/json"]["schema"]
+    return {**schema, "components": spec["components"]}
+
+
+def check(spec: dict, path: str, response: httpx.Response, method: str = "post") -> None:
+    schema = response_schema(spec, path, method, response.status_code)
+    errors = sorted(Draft202012Validator(schema).iter_errors(response.json()), key=str)
+    assert not errors, (path, response.status_code, response.text[:300], [e.message for e in errors[:3]])
+
+
+def test_document_declares_fields_and_every_status(spec: dict) -> None:
+    classify = spec["paths"]["/classify"]["post"]
+    form = classify["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and form["properties"]["image"]["format"] == "binary"
+    assert form["properties"]["top_k"] == {"type": "integer", "minimum": 1, "default": 5,
+                                           "description": "clamped to the number of classes"}
+    assert "cifar10" in form["properties"]["model"]["enum"]
+    batch = spec["paths"]["/classify_batch"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert batch["properties"]["images"]["type"] == "array"
+    for path in ("/classify", "/classify_batch"):
+        statuses = set(spec["paths"][path]["post"]["responses"])
+        assert {"200", "400", "404", "408", "413", "415", "503"} <= statuses
+        assert "Retry-After" in spec["paths"][path]["post"]["responses"]["503"]["headers"]
+    prediction = spec["components"]["schemas"]["Prediction"]
+    assert set(prediction["required"]) == {"model", "version", "label", "probabilities", "top_k"}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_every_rejection_matches_the_document(server: Server, spec: dict, case: str) -> None:
+    files, data, _, _ = BAD_INPUTS[case]
+    check(spec, "/classify", post(server, files, data))
+
+
+def test_successes_match_the_document(server: Server, spec: dict) -> None:
+    image = encode(Image.new("RGB", (40, 30), (10, 200, 30)))
+    check(spec, "/classify", post(server, {"image": ("x.png", image)}))
+    check(spec, "/classify_batch", post(server, [("images", ("a.png", image)), ("images", ("b.txt", b"text"))],
+                                        path="/classify_batch"))
+    check(spec, "/classify_batch", post(server, {"image": ("a.png", image)}, path="/classify_batch"))
+    models = httpx.get(server.url + "/models")
+    check(spec, "/models", models, "get")
+    missing = httpx.get(server.url + "/models/nope")
+    check(spec, "/models/{name}", missing, "get")
+    unsupported = httpx.post(server.url + "/classify", content=b"{}", headers={"Content-Type": "application/json"})
+    check(spec, "/classify", unsupported)
