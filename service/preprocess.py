@@ -5,20 +5,21 @@ decode -> apply EXIF orientation -> convert to 8-bit RGB -> resize the shorter s
 size (bilinear, antialiased) -> centre crop -> scale to [0, 1] -> normalise with the card's mean/std.
 
 Bounded work per image (docs/RELIABILITY.md): the header is read before any pixel is decoded and an
-image over ``max_pixels`` is refused (``image_too_large``); the resize reads only the source region
-that the centre crop keeps (``Image.resize(box=...)``), so its output is always the model's input
-size whatever the aspect ratio (a 1,000,000x1 PNG costs what a 1,000x1,000 one does, not 37 GB);
-conversions never hold more than two full-size copies; a JPEG far larger than the model input is
-decoded at a reduced DCT scale (``Image.draft``) that keeps at least ``DRAFT_MARGIN`` times the
-resized size. Peak memory per image is therefore at most ``max_decode_bytes(max_pixels)``.
+image over ``max_pixels`` is refused (``image_too_large``); past a 4:1 aspect ratio the resize reads only the
+source region that the centre crop keeps (``Image.resize(box=...)``), so the resized image is never
+larger than 4 times the model's input (a 1,000,000x1 PNG costs about what a 1,000x1,000 one does,
+not 37 GB); conversions never hold more than two full-size copies; a JPEG far larger than the model
+input is decoded at a reduced DCT scale (``Image.draft``) that keeps at least ``DRAFT_MARGIN`` times
+the resized size. Peak memory per image is therefore at most ``max_decode_bytes(max_pixels)``, and
+the decodes of one process together hold at most ``DECODE_BUDGET.total`` (:class:`DecodeBudget`).
 """
 
 from __future__ import annotations
 
 import io
 import struct
-import warnings
 import threading
+import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -212,6 +213,9 @@ def resized_size(width: int, height: int, size: Sequence[int]) -> tuple[int, int
     return max(target_w, round(width * scale)), max(target_h, round(height * scale))
 
 
+ORIENTATION_TAG = 0x0112
+
+
 def draft_request(image: Image.Image, size: Sequence[int]) -> tuple[int, int] | None:
     """The smallest (width, height) a JPEG may be decoded at for ``size``: ``DRAFT_MARGIN`` times its
     resized size, in stored (pre-EXIF-rotation) orientation; None for other formats."""
@@ -222,9 +226,6 @@ def draft_request(image: Image.Image, size: Sequence[int]) -> tuple[int, int] | 
         target_h, target_w = target_w, target_h
     new_w, new_h = resized_size(*image.size, (target_h, target_w))
     return new_w * DRAFT_MARGIN, new_h * DRAFT_MARGIN
-
-
-ORIENTATION_TAG = 0x0112
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
