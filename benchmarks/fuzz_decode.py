@@ -2,6 +2,7 @@
 
     python benchmarks/fuzz_decode.py [--engine atheris|hypothesis] [--seconds 300] [--runs N]
         [--max-pixels 1000000] [--json OUT.json]
+    python benchmarks/fuzz_decode.py --http 2000   # the same mutations through the real server
 
 The property: for ANY bytes, the decoder returns a (3, H, W) uint8 array at the model's input
 size or an :class:`ImageError` with a documented code; it never raises anything else, never hangs
@@ -33,7 +34,7 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -249,6 +250,41 @@ def run_atheris(seeds: dict[str, bytes], seconds: float, runs: int, max_pixels: 
     atheris.Fuzz()
 
 
+def run_http(seeds: dict[str, bytes], cases: int, seed: int) -> dict[str, Any]:
+    """Post ``cases`` mutated seeds to ``/classify`` of a server started here (loopback, shipped
+    models, both models in turn); count statuses and error codes. A 5xx is a finding: its input is
+    saved next to the corpus."""
+    import httpx
+
+    from soak import start_server, stop_server
+
+    rng, corpus = random.Random(seed), list(seeds.values())
+    statuses: Counter[str] = Counter()
+    findings = []
+    proc, url, log_path = start_server({})
+    try:
+        with httpx.Client(timeout=60) as client:
+            for i in range(cases):
+                data = mutate(rng.choice(corpus), rng, corpus)
+                model = ("cifar10", "catsdogs")[i % 2]
+                response = client.post(url + "/classify", files={"image": ("x", data)}, data={"model": model})
+                try:
+                    code = response.json().get("error", "")
+                except ValueError:
+                    code = "not-json"
+                statuses[f"{response.status_code} {code}".strip()] += 1
+                if response.status_code >= 500:
+                    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"imgclf-http-5xx-{i}.bin"
+                    path.write_bytes(data)
+                    findings.append(str(path))
+        alive = proc.poll() is None
+    finally:
+        stop_server(proc)
+    return {"http_cases": cases, "http_statuses": dict(statuses.most_common()),
+            "http_5xx": sum(n for k, n in statuses.items() if k.startswith("5")), "http_findings": findings,
+            "server_alive_after": alive, "server_log": str(log_path)}
+
+
 def main() -> None:
     import warnings
 
@@ -263,8 +299,18 @@ def main() -> None:
     parser.add_argument("--seed-images", type=int, default=4)
     parser.add_argument("--rss-limit-mb", type=int, default=1024)
     parser.add_argument("--corpus", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "imgclf-fuzz-corpus")
+    parser.add_argument("--http", type=int, default=0, metavar="N",
+                        help="instead: post N mutated files to a server started here; count 5xx")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.http:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        summary = {"seeds": len(seed_corpus(args.seed_images)),
+                   **run_http(seed_corpus(args.seed_images), args.http, seed=0)}
+        print(json.dumps(summary), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        raise SystemExit(1 if summary["http_5xx"] else 0)
 
     engine = args.engine
     if engine == "auto":

@@ -7,8 +7,8 @@ size (bilinear, antialiased) -> centre crop -> scale to [0, 1] -> normalise with
 Bounded work per image (docs/RELIABILITY.md): the header is read before any pixel is decoded and an
 image over ``max_pixels`` is refused (``image_too_large``); past a 4:1 aspect ratio the resize reads only the
 source region that the centre crop keeps (``Image.resize(box=...)``), so the resized image is never
-larger than 4 times the model's input (a 1,000,000x1 PNG costs about what a 1,000x1,000 one does,
-not 37 GB); conversions never hold more than two full-size copies; a JPEG far larger than the model
+larger than 4 times the model's input (a 40,000x1 PNG costs what its 40,000 pixels do, not the
+1.1 GB of its resized 3,840,000x96 version), and a side over ``MAX_SIDE`` is refused; conversions never hold more than two full-size copies; a JPEG far larger than the model
 input is decoded at a reduced DCT scale (``Image.draft``) that keeps at least ``DRAFT_MARGIN`` times
 the resized size. Peak memory per image is therefore at most ``max_decode_bytes(max_pixels)``, and
 the decodes of one process together hold at most ``DECODE_BUDGET.total`` (:class:`DecodeBudget`).
@@ -35,6 +35,11 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
 # Pillow's own guard is a warning at 89 Mpx and an error at 2x that. We set our own limit and make
 # both cases an error, so a decompression bomb is refused before its pixels are allocated.
 DEFAULT_MAX_PIXELS = 40_000_000
+
+# The longest side accepted (the JPEG and GIF format maximum). Pillow keeps a pointer per image row,
+# so a 1-pixel-wide image costs ~24 bytes a row over its pixels across the decode: capping the side
+# keeps that inside DECODE_FIXED_BYTES. A 1,000,000x1 or 1x1,000,000 PNG is refused from its header.
+MAX_SIDE = 65_535
 
 # A JPEG at least 2 * DRAFT_MARGIN times the resized size (before the crop) on both sides is decoded
 # at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling, keeping at least DRAFT_MARGIN times that size
@@ -196,9 +201,12 @@ def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 
 def check_dimensions(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Refuse an image of more than ``max_pixels`` pixels, or with an empty side, from its header."""
+    """Refuse an image of more than ``max_pixels`` pixels, with a side over ``MAX_SIDE`` or an empty
+    side, from its header."""
     if width < 1 or height < 1:
         raise ImageError("corrupt_image", f"the header says {width}x{height} pixels")
+    if max(width, height) > MAX_SIDE:
+        raise ImageError("image_too_large", f"{width}x{height} has a side over {MAX_SIDE} pixels")
     if width * height > max_pixels:
         raise ImageError(
             "image_too_large",

@@ -21,6 +21,7 @@ from service.preprocess import (
     DECODE_FIXED_BYTES,
     DRAFT_MARGIN,
     FORMAT_BYTES_PER_PIXEL,
+    MAX_SIDE,
     DecodeBudget,
     ImageError,
     InputSpec,
@@ -60,18 +61,23 @@ def test_both_shipped_models_are_covered() -> None:
 
 # --- bounded work: the hostile shapes -------------------------------------------------
 
-HOSTILE = {"40000x1": (40_000, 1), "1000000x1": (1_000_000, 1), "1x1000000": (1, 1_000_000)}
+HOSTILE = {"40000x1": (40_000, 1), "1x60000": (1, 60_000), "1000000x1": (1_000_000, 1), "1x1000000": (1, 1_000_000)}
+REFUSED = {"1000000x1", "1x1000000"}  # a side over MAX_SIDE: image_too_large from the header (413)
 
 
 @pytest.mark.parametrize("model", sorted(SIZES))
 @pytest.mark.parametrize("shape", sorted(HOSTILE))
-def test_extreme_aspect_ratios_give_the_model_input_size(shape: str, model: str) -> None:
+def test_extreme_aspect_ratios_are_served_or_refused_from_the_header(shape: str, model: str) -> None:
     width, height = HOSTILE[shape]
     data = grey_png(width, height)
-    assert len(data) <= 2100  # 118 bytes for 40000x1, 1-2 KB for the others
-    pixels = decode_or_error(data, SIZES[model])
-    assert isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8
-    assert pixels.shape == (3, *SIZES[model]) and (pixels == 90).all()
+    assert len(data) <= 2100  # ~120 bytes for 40000x1, 1-2 KB for the others
+    result = decode_or_error(data, SIZES[model])
+    if shape in REFUSED:
+        assert isinstance(result, ImageError) and result.error == "image_too_large"
+        assert f"side over {MAX_SIDE}" in result.detail
+    else:
+        assert isinstance(result, np.ndarray) and result.dtype == np.uint8
+        assert result.shape == (3, *SIZES[model]) and (result == 90).all()
 
 
 def test_pixel_limit_is_checked_from_the_header_before_decoding() -> None:
@@ -161,8 +167,9 @@ def test_peak_memory_per_image_is_within_the_bound(case: str, model: str, peak_f
     out = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(peak_files[case]), str(peak_files["warm"]),
                           str(size)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    shape, peak = out.stdout.rsplit(maxsplit=1)
-    assert shape == str((3, size, size))
+    outcome, peak = out.stdout.rsplit(maxsplit=1)
+    refused = case.removeprefix("png_") in REFUSED
+    assert outcome.startswith("image_too_large") if refused else outcome == str((3, size, size)), outcome
     with Image.open(peak_files[case]) as image:
         width, height = image.size
         per_pixel = FORMAT_BYTES_PER_PIXEL.get(image.format, DECODE_BYTES_PER_PIXEL)
@@ -367,3 +374,22 @@ def test_truncated_files_are_corrupt_not_crashes() -> None:
         data = encode(image, fmt)
         error = decode_or_error(data[: len(data) // 2], (32, 32))
         assert isinstance(error, ImageError) and error.error == "corrupt_image", fmt
+
+
+if __name__ == "__main__":  # the figures of docs/RELIABILITY.md: python tests/test_preprocess.py
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp())
+    (folder / "warm").write_bytes(grey_png(40, 30))
+    print("| input | header pixels | model | peak MB | bytes per pixel | bound MB |\n| --- | --- | --- | --- | --- | --- |")
+    for name, data in peak_cases().items():
+        (folder / name).write_bytes(data)
+        with Image.open(folder / name) as opened:
+            pixels = opened.size[0] * opened.size[1]
+            per_pixel = FORMAT_BYTES_PER_PIXEL.get(opened.format, DECODE_BYTES_PER_PIXEL)
+        for model, (size, _) in sorted(SIZES.items()):
+            run = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(folder / name), str(folder / "warm"), str(size)],
+                                 cwd=REPO, capture_output=True, text=True, timeout=120)
+            peak = int(run.stdout.rsplit(maxsplit=1)[1])
+            print(f"| {name} ({len(data):,} B) | {pixels:,} | {model} | {peak / 2**20:.1f} | {peak / pixels:.2f} | "
+                  f"{(per_pixel * pixels + DECODE_FIXED_BYTES) / 2**20:.1f} |")
