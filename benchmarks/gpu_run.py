@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # training.data finds the datasets for the catsdogs and score stages
 TOTAL_BUDGET_S = 480  # the whole run on one H100
 LIMITS_S = {"env": 30, "cifar10": 240, "catsdogs": 120, "score": 60, "serve": 90}
 SMOKE_LIMITS_S = {"env": 30, "cifar10": 150, "catsdogs": 150, "score": 90, "serve": 150}
@@ -288,6 +289,23 @@ def stage_score(run: Run) -> dict[str, Any]:
     return out
 
 
+def serve_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures the targets are about, from serve_bench's runs: the best /classify run (with its
+    p99), the best /classify_batch images/s, and the no-op ceiling of the load generator."""
+    runs = results.get("runs", [])
+
+    def best(path: str, key: str) -> dict[str, Any]:
+        candidates = [r for r in runs if r["path"] == path and not r.get("failures")]
+        return max(candidates, key=lambda r: r[key], default={})
+
+    classify = best("/classify", "requests_per_s")
+    return {"classify_requests_per_s": classify.get("requests_per_s"), "classify_p99_ms": classify.get("p99_ms"),
+            "classify_concurrency": classify.get("concurrency"),
+            "classify_server_cpu_ms_per_request": classify.get("server_cpu_ms_per_request"),
+            "batch_images_per_s": best("/classify_batch", "images_per_s").get("images_per_s"),
+            "noop_requests_per_s": best("/livez", "requests_per_s").get("requests_per_s")}
+
+
 def stage_serve(run: Run) -> dict[str, Any]:
     path = run.out / "serve.json"
     if run.args.smoke:
@@ -297,7 +315,8 @@ def stage_serve(run: Run) -> dict[str, Any]:
     run.python([str(REPO / "benchmarks" / "serve_bench.py"), "--start", "--models-dir",
                 str(registry_for(run, "cifar10")), "--model", "cifar10", *load, "--json", str(path)],
                "serve", env={"IMGCLF_DEVICE": "cpu"} if run.args.smoke else None)
-    return json.loads(path.read_text())
+    results = json.loads(path.read_text())
+    return {"summary": serve_summary(results), **results}
 
 
 STAGE_FUNCS: dict[str, Callable[[Run], dict[str, Any]]] = {

@@ -28,6 +28,8 @@ from training.train import parse_args, train  # noqa: E402
 VARIANTS: list[tuple[str, str, list[str]]] = [
     ("old", "batch 256, lr 0.1, ls 0.1, warm-up 15% + linear decay (the recipe before this change)",
      ["--model", "resnet20", "--batch-size", "256", "--schedule", "onecycle", "--warmup", "0.15"]),
+    ("old-lr0.2", "old, with the rate scaled to the batch (0.1 per 128 images -> 0.2 at 256)",
+     ["--model", "resnet20", "--batch-size", "256", "--lr", "0.2", "--schedule", "onecycle", "--warmup", "0.15"]),
     ("batch128", "old, at batch 128 (twice the steps)",
      ["--model", "resnet20", "--batch-size", "128", "--schedule", "onecycle", "--warmup", "0.15"]),
     ("batch128-nols", "... and no label smoothing",
@@ -51,7 +53,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/recipe-proxy"))
     args = parser.parse_args()
-    rows = []
+    # rows of an earlier run of other variants are kept (so --only can add or redo some)
+    rows = json.loads(args.json.read_text())["rows"] if args.json and args.json.exists() else []
     for name, change, flags in VARIANTS:
         if args.only and name not in args.only:
             continue
@@ -59,12 +62,14 @@ def main() -> None:
         metrics = train(parse_args([*flags, "--epochs", str(args.epochs), "--limit-train", str(args.train_images),
                                     "--limit-eval", "2000", "--device", "cpu", "--quiet", "--no-plot",
                                     "--out", str(args.workdir / name)]))
+        rows = [row for row in rows if row["variant"] != name]
         rows.append({"variant": name, "change": change, "flags": flags,
                      "val_curve": [h["val_acc"] for h in metrics["history"]],
                      "val_accuracy": metrics["val_accuracy"], "test_accuracy": metrics["test_accuracy"],
                      "train_seconds": metrics["train_seconds"], "wall_seconds": round(time.perf_counter() - started, 1)})
         print(f"{name:14s} val {metrics['val_accuracy']:.4f} test {metrics['test_accuracy']:.4f} "
               f"train {metrics['train_seconds']:.0f}s", flush=True)
+        rows.sort(key=lambda row: [v[0] for v in VARIANTS].index(row["variant"]))
         if args.json:
             args.json.write_text(json.dumps({"train_images": args.train_images, "epochs": args.epochs,
                                              "eval_images": 2000, "rows": rows}, indent=2) + "\n")

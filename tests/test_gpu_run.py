@@ -45,6 +45,7 @@ def test_smoke_run_trains_exports_scores_serves_and_reports(tmp_path: Path, cifa
     assert report["out_bytes"] < 60 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_recorded_and_the_next_still_runs(tmp_path: Path) -> None:
     out = tmp_path / "gpu-run"
     (tmp_path / "no-datasets").mkdir()
