@@ -89,6 +89,7 @@ class Settings:
     max_batch_size: int
     max_latency_ms: int  # queue-wait cap: a request expected to wait longer gets 503 + Retry-After
     max_queue: int  # images waiting per API worker; more get 503 + Retry-After
+    batches_in_flight: int  # batches a worker runs at once (decode/model of one overlaps the other)
     max_body_bytes: int
     max_pixels: int
     max_files: int
@@ -115,6 +116,7 @@ class Settings:
             max_batch_size=max(2, _int("IMGCLF_MAX_BATCH_SIZE", 128)),
             max_latency_ms=max(1, _int("IMGCLF_MAX_LATENCY_MS", 2000)),
             max_queue=max(1, _int("IMGCLF_MAX_QUEUE", 4096)),
+            batches_in_flight=max(1, _int("IMGCLF_BATCHES_IN_FLIGHT", 2)),
             max_body_bytes=_int("IMGCLF_MAX_BODY_BYTES", 8 * 1024 * 1024),
             max_pixels=_int("IMGCLF_MAX_PIXELS", 40_000_000),
             max_files=_int("IMGCLF_MAX_FILES", 64),

@@ -146,7 +146,7 @@ class ImageClassifier:
             models = load_models(settings, layout, settings.threads_per_worker(api_workers(layout)))
             runner = LocalRunner(models, settings.max_pixels, observe_batch)
         batcher = Batcher(runner, settings.max_batch_size, settings.max_latency_ms, settings.max_queue,
-                          settings.batching, in_flight=2 if layout == "service" else 1)
+                          settings.batching, in_flight=settings.batches_in_flight)
         HOLDER.api = Api(settings, cards, default, batcher,
                          on_reject=lambda error: REJECTED.labels(error=error).inc(),
                          on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
