@@ -229,9 +229,9 @@ def catsdogs_size(limit: int) -> int:
     the archive re-encoded at e.g. 144x144)."""
     from PIL import Image
 
-    from training.data import _locate_catsdogs, scan_catsdogs
+    from training.data import locate_catsdogs, scan_catsdogs
 
-    paths, _ = scan_catsdogs(_locate_catsdogs(None))
+    paths, _ = scan_catsdogs(locate_catsdogs(None))
     sides = []
     for path in paths[:: max(1, len(paths) // 20)]:
         with Image.open(path) as image:
@@ -273,10 +273,10 @@ def registry_for(run: Run, name: str) -> Path:
 
 
 def stage_score(run: Run) -> dict[str, Any]:
-    from training.data import _locate_catsdogs, extract_archive, shared_datasets_dir
+    from training.data import locate_catsdogs, extract_archive, shared_datasets_dir
 
     cifar = extract_archive(shared_datasets_dir() / "cifar10-jpeg.tar.gz") / "cifar10-jpeg" / "train"
-    cats = _locate_catsdogs(None) / "train"
+    cats = locate_catsdogs(None) / "train"
     limit = ["--limit", "300"] if run.args.smoke else []
     device = ["--device", "cpu"] if run.args.smoke else ["--device", "auto"]
     out = {}

@@ -240,7 +240,7 @@ def scan_catsdogs(root: Path) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-def _locate_catsdogs(root: Path | None) -> Path:
+def locate_catsdogs(root: Path | None) -> Path:
     path = root or shared_datasets_dir() / "catsdogs.tar.gz"
     if not path.exists():
         raise FileNotFoundError(f"cats-vs-dogs data not found at {path}; pass --data-root")
@@ -252,7 +252,7 @@ def _locate_catsdogs(root: Path | None) -> Path:
 def load_catsdogs(root: Path | None = None, size: int = 96, val_fraction: float = 0.1,
                   test_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """Labeled cats/dogs split by a seeded shuffle into train / validation / held-out test."""
-    folder = _locate_catsdogs(root)
+    folder = locate_catsdogs(root)
     paths, labels = scan_catsdogs(folder)
     key_src = hashlib.sha256("\n".join(f"{p.relative_to(folder)}:{p.stat().st_size}" for p in paths)
                              .encode()).hexdigest()[:16]
