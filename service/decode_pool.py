@@ -29,8 +29,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from service.preprocess import (DEFAULT_MAX_PIXELS, DRAFT_MARGIN, ImageError, decode_or_error, image_to_uint8,
-                                resized_size)
+from service.preprocess import (DEFAULT_MAX_PIXELS, DRAFT_MARGIN, ImageError, check_dimensions, decode_or_error,
+                                image_to_uint8, resized_size)
 
 
 @dataclass
@@ -89,8 +89,10 @@ def plain_jpeg_pixels(data: bytes, size: Sequence[int], max_pixels: int = DEFAUL
     if found is None:
         return None
     width, height = found
-    if not 0 < width * height <= max_pixels:
-        return None
+    try:
+        check_dimensions(width, height, max_pixels)  # the service's header bounds, one source of truth
+    except ImageError:
+        return None  # the general path refuses it with the same error
     if (width, height) != (size[1], size[0]):
         new_w, new_h = resized_size(width, height, size)
         if min(width // (new_w * DRAFT_MARGIN), height // (new_h * DRAFT_MARGIN)) >= 2:
