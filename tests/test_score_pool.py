@@ -177,3 +177,13 @@ def test_gpu_decode_agrees_with_cpu_decode(mixed_folder: Path, cifar_folder: Pat
     drift = np.mean([abs(float(a["probability"]) - float(b["p_" + a["label"]])) for a, b in zip(rows["cpu"], rows["gpu"])])
     assert agree >= 0.97 and drift < 0.02
     assert (tmp_path / "gpu.csv.errors.csv").read_text() == (tmp_path / "cpu.csv.errors.csv").read_text()
+
+
+def test_fast_path_keeps_the_pixel_limit() -> None:
+    big = io.BytesIO()
+    Image.new("RGB", (300, 300), "red").save(big, "JPEG")
+    assert plain_jpeg_pixels(big.getvalue(), (32, 32)) is not None
+    assert plain_jpeg_pixels(big.getvalue(), (32, 32), max_pixels=10_000) is None
+    batch = decode_batch([], (32, 32))
+    assert batch.good == [] and batch.pixels.shape == (0, 3, 32, 32)
+    assert decode_or_error(big.getvalue(), (32, 32), 10_000).error == "image_too_large"
