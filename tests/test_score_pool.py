@@ -181,7 +181,7 @@ def test_gpu_decode_agrees_with_cpu_decode(mixed_folder: Path, cifar_folder: Pat
 
 def test_fast_path_keeps_the_pixel_limit() -> None:
     big = io.BytesIO()
-    Image.new("RGB", (300, 300), "red").save(big, "JPEG")
+    Image.new("RGB", (120, 120), "red").save(big, "JPEG")  # 14,400 pixels, no draft decode at 32x32
     assert plain_jpeg_pixels(big.getvalue(), (32, 32)) is not None
     assert plain_jpeg_pixels(big.getvalue(), (32, 32), max_pixels=10_000) is None
     batch = decode_batch([], (32, 32))
