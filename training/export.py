@@ -7,6 +7,10 @@ is written, ONNX Runtime's and TorchScript's outputs on real test images must ma
 model within ``--tolerance`` (max abs difference of the probabilities), or the export fails.
 The registry entry is assembled in a staging folder and swapped in whole.
 
+Calibration (on unless ``--no-calibrate``): one temperature ``T`` is fitted on the validation split
+by NLL and the graphs output ``softmax(logits / T)``; the card's ``calibration`` records ``T`` and
+the test split's ECE (15 bins) and NLL before and after (:mod:`training.calibration`).
+
 ``--tta train`` (the default) exports the test-time augmentation the run was evaluated with (its
 checkpoint records it: none for most recipes, flip + translate for the fast presets), so the card's
 accuracies are the run's own. ``--tta flip`` exports a graph that averages the logits of each image
@@ -90,12 +94,39 @@ def onnx_exportable(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 class WithSoftmax(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
+    """The exported graph: ``softmax(model(x) / temperature)`` (temperature 1: the plain softmax)."""
+
+    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
+        logits = self.model(x)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=1)
+
+
+@torch.no_grad()
+def split_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
+    """The model's fp32 CPU logits for a split's uint8 images, preprocessed as the card says."""
+    model.eval()
+    return torch.cat([model(torch.from_numpy(normalize(images[i:i + batch_size].numpy(), spec))).float()
+                      for i in range(0, len(images), batch_size)])
+
+
+def fit_calibration(model: nn.Module, data: Dataset, spec: InputSpec) -> dict[str, Any]:
+    """Temperature scaling for the graph that ships: T fitted on the validation split by NLL; the
+    test split's ECE and NLL before and after (the card's ``calibration``)."""
+    from training.calibration import calibration_summary
+
+    val, test = data.val.to(torch.device("cpu")), data.test.to(torch.device("cpu"))
+    summary = calibration_summary(split_logits(model, val.images, spec), val.labels,
+                                  split_logits(model, test.images, spec), test.labels)
+    print(f"calibration: T = {summary['temperature']:.4f}; test ECE {summary['test_ece_before']:.4f} -> "
+          f"{summary['test_ece_after']:.4f}, NLL {summary['test_nll_before']:.4f} -> {summary['test_nll_after']:.4f}")
+    return summary
 
 
 def load_checkpoint(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -186,7 +217,7 @@ def check_parity(model: nn.Module, onnx_path: Path, ts_path: Path, inputs: np.nd
 
 
 def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
-               parity: dict[str, float], tta: dict | None) -> dict[str, Any]:
+               parity: dict[str, float], tta: dict | None, calibration: dict | None = None) -> dict[str, Any]:
     onnx_hash = sha256_file(artifacts["onnx"])
     card = {
         "name": name,
@@ -215,16 +246,23 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
     }
     if tta:
         card["test_time_augmentation"] = tta
+    if calibration:
+        card["output"] = (f"temperature-scaled softmax probabilities over classes, in card order: "
+                          f"softmax(logits / {calibration['temperature']:.4f}) (the graphs include it; see calibration)")
+        card["calibration"] = calibration
     return card
 
 
 def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_count: int,
-           tta_mode: str = "train") -> Path:
+           tta_mode: str = "train", calibrate: bool = False) -> Path:
+    """``calibrate``: fold a temperature fitted on the validation split into the graphs (the
+    command line does so unless ``--no-calibrate``; this function's default keeps plain softmax)."""
     net, ckpt, metrics = load_checkpoint(run_dir)
     spec = InputSpec.from_card(ckpt)
     data = load_data(ckpt, metrics, spec)
     net, tta = apply_tta(net, data, tta_mode, metrics, int(ckpt.get("tta", 0)))
-    model = WithSoftmax(net).eval()
+    calibration = fit_calibration(net, data, spec) if calibrate else None
+    model = WithSoftmax(net, calibration["temperature"] if calibration else 1.0).eval()
     # parity on the first images of the real test split
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
     example = torch.from_numpy(inputs[:2])
@@ -240,7 +278,7 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
             quiet(torch.jit.trace, exportable, example).save(str(artifacts["torchscript"]))
         # against the original model, so a replaced pool must match it too
         parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
-        card = build_card(name, ckpt, metrics, artifacts, parity, tta)
+        card = build_card(name, ckpt, metrics, artifacts, parity, tta, calibration)
         (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
         if (run_dir / "curves.png").exists():
             shutil.copy(run_dir / "curves.png", staging / "curves.png")
@@ -268,8 +306,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tta", choices=["train", "none", "flip", "flip_translate", "auto"], default="train",
                         help="train: what the run was evaluated with; flip: average with the mirror image; "
                              "auto: flip only if validation accuracy rises")
+    parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit a temperature on the validation split (NLL) and fold it into the graphs; "
+                             "the card records ECE and NLL before and after on the test split")
     args = parser.parse_args(argv)
-    export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta)
+    export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta, args.calibrate)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@
 Writes into ``--out``: ``best.pt`` (weights + everything export needs, including the exact data
 split: dataset, seed, data root, image size), ``metrics.json`` (per-epoch train/val loss and
 accuracy, test accuracy of the best checkpoint, timings, data fingerprint, command) and
-``curves.png`` (train vs val loss and accuracy, test accuracy on the plot).
+``curves.png`` (train vs val loss and accuracy, test accuracy on the plot) and TensorBoard events in
+``tensorboard/`` (``--tensorboard DIR`` elsewhere, ``--no-tensorboard`` none): per step the training
+loss, accuracy and learning rate (held on the device and written at the epoch's end, so no host
+synchronisation is added); per epoch those, images/s and validation loss/accuracy; at each
+validation the first-layer filters and eight validation images with their predictions.
 
 The data path follows airbench: each split is one uint8 tensor moved to the device once,
 augmentation is tensor ops, the loop never synchronises with the host inside an epoch (losses and
@@ -209,6 +213,83 @@ def plot_curves(history: list[dict[str, Any]], test_acc: float, title: str, path
     plt.close(fig)
 
 
+# --- TensorBoard (the course's live dashboard) -----------------------------------------------------
+
+
+def open_tensorboard(args: argparse.Namespace, out: Path):
+    """A SummaryWriter into ``--tensorboard`` (default: the run folder's ``tensorboard/``), or None."""
+    if args.no_tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(Path(args.tensorboard) if args.tensorboard else out / "tensorboard"))
+
+
+def log_steps(writer, first_step: int, losses: list[torch.Tensor], correct: list[torch.Tensor],
+              sizes: list[int], lrs: list[float]) -> None:
+    """Per-step scalars, kept on the device during the epoch and written at its end (one transfer,
+    no host synchronisation inside the epoch)."""
+    if not losses:
+        return
+    loss_values = torch.stack(losses).float().cpu().tolist()
+    correct_values = torch.stack(correct).cpu().tolist()
+    for k, (loss, hits, size, lr) in enumerate(zip(loss_values, correct_values, sizes, lrs)):
+        step = first_step + k
+        writer.add_scalar("step/train_loss", loss, step)
+        writer.add_scalar("step/train_accuracy", hits / size, step)
+        writer.add_scalar("step/learning_rate", lr, step)
+
+
+def log_epoch(writer, row: dict[str, Any], step: int) -> None:
+    epoch = row["epoch"]
+    writer.add_scalar("epoch/train_loss", row["train_loss"], epoch)
+    writer.add_scalar("epoch/train_accuracy", row["train_acc"], epoch)
+    writer.add_scalar("epoch/learning_rate", row["lr"], epoch)
+    writer.add_scalar("epoch/images_per_s", row["images_per_s"], epoch)
+    writer.add_scalar("step/images_per_s", row["images_per_s"], step)  # the epoch's mean, at its last step
+    if row["val_acc"] is not None:
+        writer.add_scalar("epoch/val_loss", row["val_loss"], epoch)
+        writer.add_scalar("epoch/val_accuracy", row["val_acc"], epoch)
+
+
+def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
+    """The first convolution's filters as images (each stretched to [0, 1]), or None."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+    if conv is None:
+        return None
+    w = conv.weight.detach().float().cpu()
+    low, high = w.amin((1, 2, 3), keepdim=True), w.amax((1, 2, 3), keepdim=True)
+    return (w - low) / (high - low + 1e-12)
+
+
+def log_images(writer, model: nn.Module, evaluator: nn.Module, val_set: ImageSet, mean, std,
+               classes: Iterable[str], epoch: int, count: int = 8) -> None:
+    """The first-layer filters and ``count`` validation images with the predicted class and its
+    probability (green when right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = list(classes)
+    filters = first_layer_filters(model)
+    if filters is not None:
+        writer.add_images("filters/first_layer", filters, epoch)
+    sample = val_set.subset(torch.arange(min(count, len(val_set)), device=val_set.images.device))
+    x, y = next(batches(sample, len(sample), mean, std))
+    with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
+        probs = evaluator.eval()(x).float().softmax(1)
+    confidence, predicted = (t.cpu() for t in probs.max(1))
+    fig, axes = plt.subplots(1, len(sample), figsize=(1.6 * len(sample), 2.1), squeeze=False)
+    for ax, image, p, c, label in zip(axes[0], sample.images.cpu(), confidence, predicted, y.cpu()):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_title(f"{classes[int(c)]} {float(p):.2f}\n(true {classes[int(label)]})", fontsize=7,
+                     color="tab:green" if int(c) == int(label) else "tab:red")
+        ax.axis("off")
+    fig.tight_layout()
+    writer.add_figure("validation/predictions", fig, epoch)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -226,6 +307,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec_data = data_spec(args)
+    writer = open_tensorboard(args, out)
     data = load_dataset(spec_data)
     classes = data.train.classes
     train_set = data.train if not args.limit_train else data.train.subset(torch.arange(args.limit_train))
@@ -269,6 +351,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     head_names = [n for n in trainable if fresh is not None and n in fresh]
     phases = [("head", args.head_epochs, head_names), ("all", args.epochs, sorted(trainable))]
     epoch = 0
+    global_step = 0  # across phases, for TensorBoard
     for phase, n_epochs, names in phases:
         if n_epochs == 0 or not names:
             continue
@@ -290,6 +373,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
+            step_losses: list[torch.Tensor] = []
+            step_correct: list[torch.Tensor] = []
+            step_sizes: list[int] = []
+            step_lrs: list[float] = []
             sync(device)
             tick = time.perf_counter()
             bar = tqdm(batches(train_set, args.batch_size, data.mean, data.std, shuffle=True, augment=True,
@@ -309,8 +396,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if lookahead is not None:
                     lookahead.step(step, total_steps)
                 loss_sum += loss.detach() * len(y)  # on the device: no host sync inside the epoch
-                correct += (logits.detach().argmax(1) == y).sum()
+                hits = (logits.detach().argmax(1) == y).sum()
+                correct += hits
                 seen += len(y)
+                if writer is not None:  # kept on the device; written at the epoch's end
+                    step_losses.append(loss.detach())
+                    step_correct.append(hits)
+                    step_sizes.append(len(y))
+                    step_lrs.append(optimizer.param_groups[0]["lr"])
             sync(device)
             seconds = time.perf_counter() - tick
             train_seconds += seconds
@@ -327,6 +420,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     best_acc, best_epoch = row["val_acc"], epoch
                     save(epoch)
             history.append(row)
+            if writer is not None:
+                log_steps(writer, global_step + 1, step_losses, step_correct, step_sizes, step_lrs)
+                global_step += len(step_losses)
+                log_epoch(writer, row, global_step)
+                if row["val_acc"] is not None:
+                    # the eager model: a compiled one would recompile for the small batch
+                    log_images(writer, model, with_tta(model, args.tta), val_set, data.mean, data.std, classes, epoch)
+                writer.flush()
             val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if row["val_acc"] is not None else "val -"
             print(f"epoch {epoch:3d} {phase:4s} train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
                   f" | {val} | {seconds:.1f}s {row['images_per_s']:.0f} img/s", flush=True)
@@ -355,6 +456,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if writer is not None:
+        writer.add_scalar("test/accuracy", test_acc, epoch)
+        writer.add_scalar("test/loss", test_loss, epoch)
+        writer.close()
     if not args.no_plot:
         plot_curves(history, test_acc, f"{data.name} / {args.model} ({args.optimizer}, {args.schedule}, "
                                        f"{epoch} epochs, {hardware(device)})", out / "curves.png")
@@ -403,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="TensorBoard event files (default: OUT/tensorboard); view with tensorboard --logdir")
+    parser.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
     parser.add_argument("--out", required=True)
     return parser
 

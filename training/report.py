@@ -1,0 +1,403 @@
+"""Pictures of what a trained network sees and gets wrong, for a training run or a registry model.
+
+    python -m training.report runs/cifar10-resnet20        # a run: best.pt + metrics.json
+    python -m training.report models/catsdogs              # a model: card.json + its graphs
+
+Writes next to the run or model (``--out`` elsewhere), each a PNG:
+
+* ``report-curves.png``: train/validation loss and accuracy per epoch with the test accuracy marked
+  (a registry model keeps only its final numbers, so that is what it draws);
+* ``report-confusion.png``: the test confusion matrix, counts and row-normalised;
+* ``report-confident.png``: the most confidently right and most confidently wrong test images, with
+  their top-3 probabilities;
+* ``report-filters.png``: the first layer's filters;
+* ``report-feature-maps.png``: one test image's feature maps after each stage;
+* ``report-reliability.png``: reliability diagrams with the ECE (15 bins), as the model outputs its
+  probabilities and after a temperature fitted on the validation split (:mod:`training.calibration`);
+
+and ``report.json`` with the numbers behind them (not into a registry folder: the command prints them). A run is evaluated with its checkpoint in
+PyTorch (its own test-time augmentation); a registry model with its ONNX graph on the CPU (what the
+service runs) over the split its card names, and its TorchScript file's weights for the filters and
+feature maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.explain import feature_stages, load_explainable
+from service.preprocess import InputSpec, normalize
+from training.calibration import (ECE_BINS, calibration_summary, fit_temperature, logits_from_probabilities,
+                                  reliability, softmax)
+from training.data import Dataset, ImageSet, batches, seeded_permutation
+
+FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
+           "report-feature-maps.png", "report-reliability.png")
+DPI = 90
+MAX_BYTES = 250_000  # figures live in the repository beside the models
+
+
+@dataclass
+class Subject:
+    """What the figures are drawn from, whichever kind of folder it came from."""
+
+    title: str
+    classes: list[str]
+    spec: InputSpec
+    net: nn.Module                 # eager PyTorch network (logits), for filters and feature maps
+    val: ImageSet
+    test: ImageSet
+    val_logits: torch.Tensor       # what the model outputs, as logits (log-probabilities for a graph)
+    test_logits: torch.Tensor
+    history: list[dict[str, Any]]  # per-epoch rows (empty for a registry model)
+    test_accuracy: float           # as recorded by training / the card
+    val_accuracy: float | None
+    served_calibration: dict[str, Any] | None  # the card's calibration record, if the graph has one
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x).float() for x, _ in batches(data, batch_size, spec.mean, spec.std)])
+
+
+def onnx_log_probabilities(path: Path, data: ImageSet, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: normalize(data.images[i:i + batch_size].numpy(), spec)})[0]
+           for i in range(0, len(data), batch_size)]
+    return logits_from_probabilities(np.concatenate(out)).float()
+
+
+def card_dataset(card: dict[str, Any]) -> Dataset:
+    """The split a registry model was trained and measured on, from its card."""
+    from training.train import load_dataset
+
+    spec = card.get("split_spec") or {"dataset": card["training"]["dataset"], "seed": card["training"]["seed"],
+                                      "data_root": None}
+    data = load_dataset({**spec, "image_size": card["input"]["size"][0]})
+    data.mean, data.std = tuple(card["input"]["mean"]), tuple(card["input"]["std"])
+    return data
+
+
+def sample(data: ImageSet, limit: int) -> ImageSet:
+    """The seeded sample training's ``--limit-eval`` takes (test splits are stored class by class)."""
+    return data.subset(seeded_permutation(len(data), 0)[:limit]) if 0 < limit < len(data) else data
+
+
+def load_model_dir(folder: Path, limit: int = 0) -> Subject:
+    card = json.loads((folder / "card.json").read_text())
+    spec = InputSpec.from_card(card)
+    data = card_dataset(card)
+    val, test = sample(data.val, limit), sample(data.test, limit)
+    onnx_path = folder / card["artifacts"]["onnx"]["file"]
+    net = load_explainable(folder / card["artifacts"]["torchscript"]["file"])
+    return Subject(f"{card['name']} ({card['architecture']}, registry v{card['version']})", list(card["classes"]),
+                   spec, net, val, test, onnx_log_probabilities(onnx_path, val, spec),
+                   onnx_log_probabilities(onnx_path, test, spec), [], card["metrics"]["test_accuracy"],
+                   card["metrics"].get("val_accuracy"), card.get("calibration"))
+
+
+def load_run_dir(folder: Path, limit: int = 0) -> Subject:
+    from training.export import load_checkpoint, load_data
+    from training.nets import TestTimeAugment
+
+    net, ckpt, metrics = load_checkpoint(folder)
+    spec = InputSpec.from_card(ckpt)
+    data = load_data(ckpt, metrics, spec)
+    # the run's own evaluation images: --limit-eval sampled both splits alike
+    limit = limit or (metrics["test_images"] if metrics["test_images"] < len(data.test) else 0)
+    val, test = sample(data.val, limit), sample(data.test, limit)
+    level = int(ckpt.get("tta", 0))
+    evaluated = TestTimeAugment(net, level).eval() if level else net
+    return Subject(f"{metrics['dataset']} / {metrics['model']} (run {folder.name})", list(ckpt["classes"]), spec,
+                   net, val, test, torch_logits(evaluated, val, spec), torch_logits(evaluated, test, spec),
+                   metrics.get("history", []), metrics["test_accuracy"], metrics.get("val_accuracy"), None)
+
+
+def load_subject(folder: Path, limit: int = 0) -> Subject:
+    if (folder / "best.pt").exists() and (folder / "metrics.json").exists():
+        return load_run_dir(folder, limit)
+    if (folder / "card.json").exists():
+        return load_model_dir(folder, limit)
+    raise SystemExit(f"error: {folder} holds neither a training run (best.pt, metrics.json) nor a model (card.json)")
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> Path:
+    """Save at :data:`DPI`, then as a 256-colour PNG when that keeps it under :data:`MAX_BYTES`."""
+    from PIL import Image
+
+    fig.savefig(path, dpi=DPI)
+    pyplot().close(fig)
+    if path.stat().st_size > MAX_BYTES:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        rgb.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+    return path
+
+
+def to_hwc(image_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
+    return np.asarray(image_uint8).transpose(1, 2, 0)
+
+
+def plot_curves(subject: Subject, path: Path) -> Path:
+    if subject.history:
+        from training.train import plot_curves as training_curves
+
+        training_curves(subject.history, subject.test_accuracy, subject.title, path)
+        return path
+    plt = pyplot()
+    training_png = path.parent / "curves.png"  # export copies the run's curves into the model folder
+    if training_png.exists():
+        fig, (ax_png, ax) = plt.subplots(1, 2, figsize=(13, 4.2), width_ratios=[2.6, 1])
+        ax_png.imshow(plt.imread(training_png))
+        ax_png.set_title("the training run's curves (curves.png, copied at export)", fontsize=9)
+        ax_png.axis("off")
+    else:
+        fig, ax = plt.subplots(figsize=(5, 4.2))
+    names, values = ["validation", "test"], [subject.val_accuracy, subject.test_accuracy]
+    shown = [(n, v) for n, v in zip(names, values) if v is not None]
+    bars = ax.bar([n for n, _ in shown], [100 * v for _, v in shown], color=["tab:orange", "tab:red"][:len(shown)])
+    for bar, (_, v) in zip(bars, shown):
+        ax.text(bar.get_x() + bar.get_width() / 2, 100 * v + 1, f"{100 * v:.2f}%", ha="center")
+    ax.set(ylim=(0, 105), ylabel="accuracy (%)",
+           title="final accuracies (card.json)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(subject.title)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n: int) -> np.ndarray:
+    return torch.bincount(labels * n + predicted, minlength=n * n).reshape(n, n).numpy()
+
+
+def plot_confusion(matrix: np.ndarray, classes: Sequence[str], title: str, path: Path) -> Path:
+    plt = pyplot()
+    n = len(classes)
+    rows = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    side = 3.2 + 0.5 * n
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side, side * 0.92))
+    for ax, values, fmt, name in ((axes[0], matrix, "d", "counts"), (axes[1], rows, ".2f", "row-normalised (recall)")):
+        ax.imshow(values if name != "counts" else rows, cmap="Blues", vmin=0, vmax=1)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8 if n > 5 else 11,
+                        color="white" if rows[i, j] > 0.5 else "black")
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+        ax.set(xlabel="predicted", ylabel="true", title=name)
+    fig.suptitle(f"{title}\ntest confusion matrix ({int(matrix.sum())} images, "
+                 f"accuracy {100 * np.trace(matrix) / matrix.sum():.2f}%)")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_confident(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, classes: Sequence[str],
+                   title: str, path: Path, per_row: int = 8) -> Path:
+    plt = pyplot()
+    confidence, predicted = probs.max(1)
+    right = (predicted == labels)
+    groups = []
+    for name, mask in (("most confidently right", right), ("most confidently wrong", ~right)):
+        index = torch.nonzero(mask).flatten()
+        order = index[confidence[index].argsort(descending=True)][:per_row]
+        groups.append((name, order))
+    fig, axes = plt.subplots(2, per_row, figsize=(1.9 * per_row, 6.0))
+    for row, (name, order) in enumerate(groups):
+        axes[row, 0].set_ylabel(name, fontsize=10)
+        for col in range(per_row):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col >= len(order):
+                ax.axis("off")
+                continue
+            i = int(order[col])
+            ax.imshow(to_hwc(images[i]), interpolation="nearest" if images.shape[-1] <= 64 else "antialiased")
+            top = probs[i].topk(min(3, len(classes)))
+            lines = [f"{classes[int(c)][:9]} {float(p):.2f}" for p, c in zip(top.values, top.indices)]
+            ax.set_title(f"true: {classes[int(labels[i])][:9]}\n" + "\n".join(lines), fontsize=7.5,
+                         color="tab:green" if row == 0 else "tab:red", loc="left")
+    fig.suptitle(f"{title}: test images, top-3 probabilities as served")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def first_conv(net: nn.Module) -> nn.Conv2d:
+    return next(m for m in net.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
+
+
+def plot_filters(net: nn.Module, title: str, path: Path) -> Path:
+    plt = pyplot()
+    conv = first_conv(net)
+    weights = conv.weight.detach().float()
+    n = weights.shape[0]
+    cols = min(16, n) if n > 32 else min(8, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.8 * cols + 0.4, 0.8 * rows + 0.9), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            w = weights[k]
+            w = (w - w.min()) / (w.max() - w.min() + 1e-12)  # each filter stretched to [0, 1]
+            ax.imshow(w.permute(1, 2, 0).numpy(), interpolation="nearest")
+    fig.suptitle(f"{title}: first-layer filters ({n} x {tuple(weights.shape[1:])}, each stretched to full range)",
+                 fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+@torch.no_grad()
+def stage_outputs(net: nn.Module, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    outputs: list[tuple[str, torch.Tensor]] = []
+    hooks = [module.register_forward_hook(lambda m, a, out, name=name: outputs.append((name, out.detach().clone())))
+             for name, module in feature_stages(net)]
+    try:
+        net.eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def plot_feature_maps(net: nn.Module, image_uint8: torch.Tensor, label: str, spec: InputSpec, title: str,
+                      path: Path, channels: int = 8) -> Path:
+    """The image, then per stage the ``channels`` most active maps (by mean activation)."""
+    plt = pyplot()
+    x = torch.from_numpy(normalize(image_uint8[None].numpy(), spec))
+    outputs = stage_outputs(net, x)
+    fig, axes = plt.subplots(len(outputs), channels + 1, figsize=(1.35 * (channels + 1), 1.45 * len(outputs) + 0.6),
+                             squeeze=False)
+    for row, (name, out) in enumerate(outputs):
+        maps = out[0]
+        order = maps.mean((1, 2)).argsort(descending=True)[:channels]
+        first = axes[row, 0]
+        if row == 0:
+            first.imshow(to_hwc(image_uint8))
+            first.set_title(f"input ({label})", fontsize=8)
+        first.axis("off")
+        for col in range(channels):
+            ax = axes[row, col + 1]
+            ax.axis("off")
+            if col < len(order):
+                ax.imshow(maps[order[col]].numpy(), cmap="viridis", interpolation="nearest")
+                ax.set_title(f"{name} #{int(order[col])}" if col == 0 else f"#{int(order[col])}", fontsize=7)
+        axes[row, 1].text(-0.15, 0.5, f"{name}\n{tuple(maps.shape)}", transform=axes[row, 1].transAxes,
+                          ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{title}: feature maps after each stage (the {channels} most active channels)", fontsize=9)
+    fig.tight_layout()
+    return save(fig, path)
+
+
+def plot_reliability(panels: list[tuple[str, Any]], title: str, path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.4), squeeze=False)
+    for ax, (name, rel) in zip(axes[0], panels):
+        centres = (rel.edges[:-1] + rel.edges[1:]) / 2
+        width = rel.edges[1] - rel.edges[0]
+        filled = rel.counts > 0
+        ax.bar(centres[filled], rel.accuracy[filled], width=width, edgecolor="black", color="tab:blue",
+               alpha=0.8, label="accuracy")
+        ax.scatter(centres[filled], rel.confidence[filled], marker="_", s=260, linewidths=2.5, color="tab:red",
+                   zorder=3, label="mean confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
+               title=f"{name}\nECE {100 * rel.ece:.2f}% ({len(rel.counts)} bins)")
+        ax.legend(loc="upper left", fontsize=8)
+        share = ax.twinx()
+        share.plot(centres[filled], rel.counts[filled] / rel.counts.sum(), "o:", color="grey", markersize=3)
+        share.set_ylim(0, 1)
+        share.set_ylabel("share of images", color="grey")
+    fig.suptitle(f"{title}: reliability on the test split")
+    fig.tight_layout()
+    return save(fig, path)
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def write_report(folder: Path, out: Path | None = None, limit: int = 0, image_index: int = 0) -> dict[str, Any]:
+    """Draw every figure for a run or model folder; return (and write) ``report.json``."""
+    out = out or folder
+    out.mkdir(parents=True, exist_ok=True)
+    subject = load_subject(folder, limit)
+    test_labels = subject.test.labels
+    probs = softmax(subject.test_logits).float()
+    predicted = probs.argmax(1)
+    matrix = confusion_matrix(test_labels, predicted, len(subject.classes))
+    calibration = calibration_summary(subject.val_logits, subject.val.labels, subject.test_logits, test_labels)
+    temperature = calibration["temperature"]
+    served = "as served (graph already temperature-scaled)" if subject.served_calibration else "as the model outputs"
+    panels = [(served, reliability(probs, test_labels)),
+              (f"after temperature T = {temperature:.3f} (fitted on validation)",
+               reliability(softmax(subject.test_logits, temperature), test_labels))]
+
+    plot_curves(subject, out / FIGURES[0])
+    plot_confusion(matrix, subject.classes, subject.title, out / FIGURES[1])
+    plot_confident(subject.test.images, test_labels, probs, subject.classes, subject.title, out / FIGURES[2])
+    plot_filters(subject.net, subject.title, out / FIGURES[3])
+    image = subject.test.images[image_index]
+    label = subject.classes[int(test_labels[image_index])]
+    plot_feature_maps(subject.net, image, label, subject.spec, subject.title, out / FIGURES[4])
+    plot_reliability(panels, subject.title, out / FIGURES[5])
+
+    report = {
+        "subject": subject.title, "source": str(folder), "test_images": len(test_labels),
+        "test_accuracy_measured": float((predicted == test_labels).double().mean()),
+        "test_accuracy_recorded": subject.test_accuracy,
+        "confusion_matrix": matrix.tolist(), "classes": subject.classes,
+        "calibration": {**calibration, "ece_bins": ECE_BINS,
+                        "probabilities_measured": served,
+                        "card_calibration": subject.served_calibration},
+        "figures": [str(out / name) for name in FIGURES],
+        "feature_map_image": {"test_index": image_index, "label": label},
+    }
+    if not (out / "card.json").exists():  # a registry folder holds its card, graphs and figures only
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="a training run (best.pt, metrics.json) or a model (card.json)")
+    parser.add_argument("--out", type=Path, help="where the PNGs go (default: the folder itself)")
+    parser.add_argument("--limit", type=int, default=0, help="use a seeded sample of N validation and N test images (a run trained with "
+                        "--limit-eval uses its own sample by default)")
+    parser.add_argument("--image-index", type=int, default=0, help="test image whose feature maps are drawn")
+    args = parser.parse_args(argv)
+    report = write_report(args.folder, args.out, args.limit, args.image_index)
+    cal = report["calibration"]
+    print(f"{report['subject']}: test accuracy {report['test_accuracy_measured']:.4f} on {report['test_images']} "
+          f"images; ECE {cal['test_ece_before']:.4f} -> {cal['test_ece_after']:.4f}, NLL {cal['test_nll_before']:.4f} "
+          f"-> {cal['test_nll_after']:.4f} at T = {cal['temperature']:.3f}; wrote {len(report['figures'])} figures")
+
+
+if __name__ == "__main__":
+    main()
