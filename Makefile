@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 
-.PHONY: setup test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs lint clean
+.PHONY: setup test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs compare-optimizers compare-architectures lint clean
 
 setup: $(VENV)/.installed
 
@@ -72,6 +72,14 @@ train-catsdogs-lenet: setup
 
 export-catsdogs:
 	$(PY) -m training.export runs/catsdogs-resnet20-96 --name catsdogs --tta auto
+
+# The course's comparisons (docs/INSIGHT.md): SGD/RMSprop/Adam on one network, then the zoo, on a
+# CPU-sized budget; ARGS="--gpu" for the GPU run's budget (or e.g. ARGS="--epochs 4").
+compare-optimizers: setup
+	$(PY) benchmarks/compare.py optimizers --out runs/compare-optimizers $(ARGS)
+
+compare-architectures: setup
+	$(PY) benchmarks/compare.py architectures --out runs/compare-architectures $(ARGS)
 
 lint: setup
 	$(VENV)/bin/hadolint Dockerfile

@@ -14,6 +14,8 @@ Writes next to the run or model (``--out`` elsewhere), each a PNG:
 * ``report-feature-maps.png``: one test image's feature maps after each stage;
 * ``report-reliability.png``: reliability diagrams with the ECE (15 bins), as the model outputs its
   probabilities and after a temperature fitted on the validation split (:mod:`training.calibration`);
+* ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`) over the first test images for the
+  top class, and the share of the heat inside the central box (half of each side) over the first 50;
 
 and ``report.json`` with the numbers behind them (not into a registry folder: the command prints them). A run is evaluated with its checkpoint in
 PyTorch (its own test-time augmentation); a registry model with its ONNX graph on the CPU (what the
@@ -34,14 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.explain import feature_stages, load_explainable
+from service.explain import central_share, colormap, feature_stages, gradcam, load_explainable
 from service.preprocess import InputSpec, normalize
 from training.calibration import (ECE_BINS, calibration_summary, fit_temperature, logits_from_probabilities,
                                   reliability, softmax)
 from training.data import Dataset, ImageSet, batches, seeded_permutation
 
 FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
-           "report-feature-maps.png", "report-reliability.png")
+           "report-feature-maps.png", "report-reliability.png", "report-gradcam.png")
 DPI = 90
 MAX_BYTES = 250_000  # figures live in the repository beside the models
 
@@ -340,6 +342,34 @@ def plot_reliability(panels: list[tuple[str, Any]], title: str, path: Path) -> P
     return save(fig, path)
 
 
+def plot_gradcam(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec,
+                 classes: Sequence[str], title: str, path: Path, shown: int = 8, measured: int = 50) -> dict[str, Any]:
+    plt = pyplot()
+    shares, drawn = [], []
+    for i in range(min(measured, len(images))):
+        heat, predicted, probs = gradcam(net, images[i].numpy(), spec)
+        shares.append(central_share(heat))
+        if i < shown:
+            drawn.append((i, heat, predicted, float(probs[predicted])))
+    fig, axes = plt.subplots(1, len(drawn), figsize=(1.9 * len(drawn), 2.6), squeeze=False)
+    for ax, (i, heat, predicted, p) in zip(axes[0], drawn):
+        image = to_hwc(images[i]).astype(np.float32)
+        ax.imshow((0.5 * image + 0.5 * colormap(heat)).astype(np.uint8))
+        right = predicted == int(labels[i])
+        ax.set_title(f"{classes[predicted][:10]} {p:.2f}\n(true {classes[int(labels[i])][:10]})", fontsize=8,
+                     color="tab:green" if right else "tab:red")
+        ax.axis("off")
+    summary = {"images": len(shares), "central_share_mean": float(np.mean(shares)),
+               "central_share_median": float(np.median(shares)),
+               "share_of_images_above_uniform": float(np.mean(np.array(shares) > 0.25))}
+    fig.suptitle(f"{title}: Grad-CAM for the top class; heat inside the central box (1/4 of the area) over "
+                 f"{summary['images']} test images: mean {summary['central_share_mean']:.2f} (uniform: 0.25)",
+                 fontsize=9)
+    fig.tight_layout()
+    save(fig, path)
+    return summary
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 
@@ -367,6 +397,8 @@ def write_report(folder: Path, out: Path | None = None, limit: int = 0, image_in
     label = subject.classes[int(test_labels[image_index])]
     plot_feature_maps(subject.net, image, label, subject.spec, subject.title, out / FIGURES[4])
     plot_reliability(panels, subject.title, out / FIGURES[5])
+    explained = plot_gradcam(subject.net, subject.test.images, test_labels, subject.spec, subject.classes,
+                             subject.title, out / FIGURES[6])
 
     report = {
         "subject": subject.title, "source": str(folder), "test_images": len(test_labels),
@@ -378,6 +410,7 @@ def write_report(folder: Path, out: Path | None = None, limit: int = 0, image_in
                         "card_calibration": subject.served_calibration},
         "figures": [str(out / name) for name in FIGURES],
         "feature_map_image": {"test_index": image_index, "label": label},
+        "gradcam": explained,
     }
     if not (out / "card.json").exists():  # a registry folder holds its card, graphs and figures only
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -396,7 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     cal = report["calibration"]
     print(f"{report['subject']}: test accuracy {report['test_accuracy_measured']:.4f} on {report['test_images']} "
           f"images; ECE {cal['test_ece_before']:.4f} -> {cal['test_ece_after']:.4f}, NLL {cal['test_nll_before']:.4f} "
-          f"-> {cal['test_nll_after']:.4f} at T = {cal['temperature']:.3f}; wrote {len(report['figures'])} figures")
+          f"-> {cal['test_nll_after']:.4f} at T = {cal['temperature']:.3f}; Grad-CAM central share "
+          f"{report['gradcam']['central_share_mean']:.3f} ({report['gradcam']['images']} images); "
+          f"wrote {len(report['figures'])} figures")
 
 
 if __name__ == "__main__":
