@@ -105,7 +105,7 @@ def overload_run(levels: list[int], seconds: float, env: dict[str, str]) -> list
             third = seconds / 3
             ok_first = [lat for began, lat, o, _ in record if o == "200" and began - start < third]
             ok_last = [lat for began, lat, o, _ in record if o == "200" and began - start >= 2 * third]
-            refused = [(lat, retry) for _, lat, o, retry in record if o == "503"]
+            refused = [(lat, retry) for _, lat, o, retry in record if o.startswith("503")]
             outcomes: dict[str, int] = {}
             for _, _, outcome, _ in record:
                 outcomes[outcome] = outcomes.get(outcome, 0) + 1

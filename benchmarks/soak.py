@@ -6,8 +6,8 @@ and the worker's memory over time.
 
 Starts ``python -m service.serve --port P --host 127.0.0.1`` itself (shipped models, its own
 BENTOML_HOME; ``--env`` adds server environment variables, e.g. ``MALLOC_ARENA_MAX=2``), drives
-``POST /classify`` with one 480x320 JPEG (~28 KB, the issue's soak image, made from a CIFAR-10
-photo) from ``--concurrency`` connections for ``--duration`` seconds, samples the RSS of every
+``POST /classify`` with one 480x320 JPEG (the size of the issue's soak image, made from a CIFAR-10
+photo, 17 KB) from ``--concurrency`` connections for ``--duration`` seconds, samples the RSS of every
 process of the server's tree every ``--sample`` seconds, then stops the server and itself.
 
 ``--prelude`` first sends, one kind at a time, what made the worker grow in the issue, and prints
@@ -69,7 +69,7 @@ def cifar_photo(index: int = 0) -> Any:
 
 
 def soak_jpeg() -> bytes:
-    """480x320 JPEG of a real photo, about 28 KB."""
+    """480x320 JPEG of a real photo (a CIFAR-10 one, upscaled), 17 KB."""
     from PIL import Image
 
     return encode(cifar_photo(3).resize((480, 320), Image.Resampling.BICUBIC), "JPEG", quality=90)
@@ -160,10 +160,19 @@ def worker_rss(pid: int) -> int:
 
 # --- load ----------------------------------------------------------------------------------------
 
+def error_code(payload: bytes) -> str:
+    """The ``error`` of a ``{"error", "detail"}`` body, or ``?``."""
+    try:
+        return str(json.loads(payload).get("error", "?"))
+    except (ValueError, AttributeError):
+        return "?"
+
+
 async def drive(url: str, body: bytes, concurrency: int, seconds: float,
                 record: list[tuple[float, float, str, str]]) -> None:
     """Closed loop: ``concurrency`` connections each POSTing ``body`` back to back for ``seconds``.
-    Appends (start time, latency s, outcome, Retry-After) per request; outcome "200" or the reason."""
+    Appends (start time, latency s, outcome, Retry-After) per request; outcome "200", the status and
+    error code ("503 overloaded") or the client-side exception's name."""
     import aiohttp
 
     stop_at = time.monotonic() + seconds
@@ -174,9 +183,11 @@ async def drive(url: str, body: bytes, concurrency: int, seconds: float,
             retry_after = ""
             try:
                 async with session.post(url, data=body, headers=HEADERS) as response:
-                    await response.read()
+                    payload = await response.read()
                     outcome = str(response.status)
                     retry_after = response.headers.get("Retry-After", "")
+                    if response.status != 200:
+                        outcome += " " + error_code(payload)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 outcome = type(exc).__name__
                 await asyncio.sleep(0.05)  # a refused connection returns at once: do not spin
