@@ -157,9 +157,13 @@ def peak_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
+# Every format and mode at the larger input (catsdogs); the issue's shapes at both models' sizes.
+PEAK_RUNS = [(case, "catsdogs") for case in sorted(peak_cases()) if not case.startswith("png_1")
+             and "x1" not in case] + [(f"png_{shape}", model) for shape in sorted(HOSTILE) for model in sorted(SIZES)]
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("model", sorted(SIZES))
-@pytest.mark.parametrize("case", sorted(peak_cases()))
+@pytest.mark.parametrize("case,model", PEAK_RUNS)
 def test_peak_memory_per_image_is_within_the_bound(case: str, model: str, peak_files: dict[str, Path]) -> None:
     """The resident-memory peak of one decode is at most ``bytes_per_pixel * header pixels + fixed``
     (10 bytes a pixel, 17 for WebP, + 16 MiB): at the default 40-Mpx limit, max_decode_bytes()."""
