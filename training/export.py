@@ -109,21 +109,27 @@ class WithSoftmax(nn.Module):
 
 
 @torch.no_grad()
-def split_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
-    """The model's fp32 CPU logits for a split's uint8 images, preprocessed as the card says."""
-    model.eval()
-    return torch.cat([model(torch.from_numpy(normalize(images[i:i + batch_size].numpy(), spec))).float()
-                      for i in range(0, len(images), batch_size)])
+def split_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 500,
+                 device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The model's fp32 logits (on the CPU) for a split's uint8 images, preprocessed as the card says,
+    computed on ``device`` (a GPU host's CPU would take minutes for a TTA graph)."""
+    model.eval().to(device)
+    try:
+        return torch.cat([model(torch.from_numpy(normalize(images[i:i + batch_size].numpy(), spec)).to(device))
+                          .float().cpu() for i in range(0, len(images), batch_size)])
+    finally:
+        model.to("cpu")
 
 
-def fit_calibration(model: nn.Module, data: Dataset, spec: InputSpec) -> dict[str, Any]:
+def fit_calibration(model: nn.Module, data: Dataset, spec: InputSpec,
+                    device: torch.device = torch.device("cpu")) -> dict[str, Any]:
     """Temperature scaling for the graph that ships: T fitted on the validation split by NLL; the
     test split's ECE and NLL before and after (the card's ``calibration``)."""
     from training.calibration import calibration_summary
 
     val, test = data.val.to(torch.device("cpu")), data.test.to(torch.device("cpu"))
-    summary = calibration_summary(split_logits(model, val.images, spec), val.labels,
-                                  split_logits(model, test.images, spec), test.labels)
+    summary = calibration_summary(split_logits(model, val.images, spec, device=device), val.labels,
+                                  split_logits(model, test.images, spec, device=device), test.labels)
     print(f"calibration: T = {summary['temperature']:.4f}; test ECE {summary['test_ece_before']:.4f} -> "
           f"{summary['test_ece_after']:.4f}, NLL {summary['test_nll_before']:.4f} -> {summary['test_nll_after']:.4f}")
     return summary
@@ -254,14 +260,16 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
 
 
 def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_count: int,
-           tta_mode: str = "train", calibrate: bool = False) -> Path:
+           tta_mode: str = "train", calibrate: bool = False, device: str = "cpu") -> Path:
     """``calibrate``: fold a temperature fitted on the validation split into the graphs (the
     command line does so unless ``--no-calibrate``; this function's default keeps plain softmax)."""
     net, ckpt, metrics = load_checkpoint(run_dir)
     spec = InputSpec.from_card(ckpt)
     data = load_data(ckpt, metrics, spec)
     net, tta = apply_tta(net, data, tta_mode, metrics, int(ckpt.get("tta", 0)))
-    calibration = fit_calibration(net, data, spec) if calibrate else None
+    run_on = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    calibration = fit_calibration(net, data, spec, run_on) if calibrate else None
     model = WithSoftmax(net, calibration["temperature"] if calibration else 1.0).eval()
     # parity on the first images of the real test split
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
@@ -309,8 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                         help="fit a temperature on the validation split (NLL) and fold it into the graphs; "
                              "the card records ECE and NLL before and after on the test split")
+    parser.add_argument("--device", default="auto", help="where calibration computes logits (auto: CUDA if usable)")
     args = parser.parse_args(argv)
-    export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta, args.calibrate)
+    export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta, args.calibrate,
+           args.device)
 
 
 if __name__ == "__main__":
