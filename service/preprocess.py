@@ -172,8 +172,9 @@ def check_png_chunks(data: bytes) -> None:
 def open_checked(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open upload bytes lazily (header only, no pixel decoded yet) and refuse what is over the limit.
 
-    Raises :class:`ImageError`: ``empty_file``, ``not_an_image``, ``corrupt_image`` or
-    ``image_too_large`` (more than ``max_pixels``, or a side of zero pixels).
+    Raises :class:`ImageError`: ``empty_file``, ``not_an_image``, ``corrupt_image`` (also for a
+    side of zero pixels) or ``image_too_large`` (more than ``max_pixels``, WebP more than 10/17 of
+    it, or a side over ``MAX_SIDE``).
     """
     if not data:
         raise ImageError("empty_file", "the uploaded file has no bytes")
