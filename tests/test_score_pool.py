@@ -112,9 +112,12 @@ def test_workers_setting() -> None:
         resolve_workers("-1")
 
 
-def test_onnx_on_cpu_imports_no_torch_torchvision_or_matplotlib(mixed_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", ["cpu", "auto"])
+def test_onnx_on_cpu_imports_no_torch_torchvision_or_matplotlib(mixed_folder: Path, tmp_path: Path, device: str) -> None:
+    if device == "auto" and score.cuda_present():
+        pytest.skip("auto means the GPU here")
     code = ("import sys; from service import score; "
-            f"code = score.main([{str(mixed_folder)!r}, '--out', {str(tmp_path / 'p.csv')!r}, '--device', 'auto', "
+            f"code = score.main([{str(mixed_folder)!r}, '--out', {str(tmp_path / 'p.csv')!r}, '--device', {device!r}, "
             f"'--models-dir', {str(SHIPPED_MODELS)!r}]); "
             "print(code, sorted(m for m in ('torch', 'torchvision', 'matplotlib') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
