@@ -104,3 +104,41 @@ def test_url_that_does_not_answer_is_one_line_and_exit_2(cats_and_dogs: Path, tm
     proc = cli(str(cats_and_dogs), "--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "p.csv"))
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and "does not answer" in line and not (tmp_path / "p.csv").exists()
+
+
+def test_server_failing_mid_run_ends_with_one_error_line_and_exit_1(cats_and_dogs: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A server that knows the model but fails every batch (HTTP 500): the run stops at once with one
+    error line, exit code 1, and a whole (empty) output to --resume from."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    card = (SHIPPED_MODELS / "cifar10" / "card.json").read_bytes()
+
+    class Broken(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(card)))
+            self.end_headers()
+            self.wfile.write(card)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(500)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"out of luck")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "p.csv"
+    try:
+        code = score.main([str(cats_and_dogs), "--out", str(out), "--url", f"http://127.0.0.1:{server.server_port}"])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("error: ") and "HTTP 500: out of luck" in err[-1]
+    assert "--resume" in err[-1] and out.read_text().startswith("path,label,probability")
