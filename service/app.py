@@ -301,6 +301,8 @@ class Endpoint:
                 raise Rejected(503, "starting", "the service is starting", {"Retry-After": "1"})
             if scope["method"] != "POST":
                 raise Rejected(405, "method_not_allowed", f"{self.path} takes POST", {"Allow": "POST"})
+            if (refused := api.batcher.refusal(1)) is not None:  # overloaded: refuse before reading
+                raise Rejected(503, "overloaded", refused.detail, {"Retry-After": str(refused.retry_after_s)})
             form = await read_form(receive, headers, api.settings)
             body = await self.answer(api, form, receive)
             api.on_answer(self.path, 200)

@@ -159,16 +159,23 @@ class Batcher:
         batches = self.running + math.ceil((len(self.queue) + extra) / self.max_batch_size)
         return batches * self.batch_seconds / self.in_flight_limit
 
+    def refusal(self, images: int) -> Overloaded | None:
+        """Why ``images`` more images cannot be queued now (None: they can). Cheap: the endpoint
+        asks before reading a request's body, so refusing under overload costs next to nothing."""
+        waiting = len(self.queue) + self.in_flight
+        if waiting + images > self.max_queue:
+            return Overloaded(f"{waiting} images are queued in this worker (IMGCLF_MAX_QUEUE={self.max_queue})",
+                              max(1, math.ceil(self.expected_wait_s(0))))
+        wait = self.expected_wait_s(images)
+        if wait > self.max_wait_s and waiting:
+            return Overloaded(f"expected queue wait {wait * 1000:.0f} ms exceeds IMGCLF_MAX_LATENCY_MS="
+                              f"{self.max_wait_s * 1000:.0f}", max(1, math.ceil(wait)))
+        return None
+
     def submit(self, model: str, blobs: Sequence[bytes], size: tuple[int, int]) -> list[asyncio.Future[Any]]:
         """Queue one job per blob; raises :class:`Overloaded` when the queue cannot take them."""
-        waiting = len(self.queue) + self.in_flight
-        if waiting + len(blobs) > self.max_queue:
-            raise Overloaded(f"{waiting} images are queued in this worker (IMGCLF_MAX_QUEUE={self.max_queue})",
-                             max(1, math.ceil(self.expected_wait_s(0))))
-        wait = self.expected_wait_s(len(blobs))
-        if wait > self.max_wait_s and waiting:
-            raise Overloaded(f"expected queue wait {wait * 1000:.0f} ms exceeds IMGCLF_MAX_LATENCY_MS="
-                             f"{self.max_wait_s * 1000:.0f}", max(1, math.ceil(wait)))
+        if (refused := self.refusal(len(blobs))) is not None:
+            raise refused
         loop = asyncio.get_running_loop()
         futures = []
         for blob in blobs:

@@ -227,6 +227,27 @@ def test_batcher_refuses_past_its_bounds_with_retry_after() -> None:
     assert batches == [[b"a"]]  # the late ones never ran
 
 
+def test_batcher_refuses_before_the_body_is_read_when_the_wait_is_over_the_cap() -> None:
+    """What the endpoint asks before reading a body: refused while a full queue's expected wait
+    is over the cap, accepted again once it has drained."""
+    async def scenario() -> tuple:
+        runner = GatedRunner()
+        queue = batcher(runner, max_latency_ms=1)
+        queue.batch_seconds = 0.5  # measured batch run time (a slow model)
+        idle = queue.refusal(1)  # nothing queued: a lone request is never refused
+        queue.submit("m", [b"a"], (2, 2))
+        await asyncio.sleep(0)
+        busy = queue.refusal(1)
+        runner.gate.set()
+        while queue.running:
+            await asyncio.sleep(0.001)
+        return idle, busy, queue.refusal(1)
+
+    idle, busy, drained = asyncio.run(scenario())
+    assert idle is None and drained is None
+    assert busy is not None and "IMGCLF_MAX_LATENCY_MS" in busy.detail and busy.retry_after_s >= 1
+
+
 def test_models_endpoint_lists_cards(server: Server) -> None:
     for path in ("/models", "/models/"):
         response = httpx.get(server.url + path)
