@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -58,12 +59,15 @@ from service.score import LocalScorer, walk_files  # noqa: E402
 DECODE_FILES = 20_000
 
 
-def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: int) -> tuple[float, np.ndarray]:
-    """Steady-state images/s of ``workers`` decode processes over ``files``; also the images."""
+def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: int) -> tuple[float, np.ndarray, dict]:
+    """Steady-state images/s of ``workers`` decode processes over ``files``; the images; and CPU
+    seconds per image of the workers and of this (the collecting) process, which do not depend
+    on what else the machine runs."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with DecodePool(workers, size, DEFAULT_MAX_PIXELS) as pool:
         for future in [pool.submit(files[:8]) for _ in range(max(workers, 1))]:
             future.result()  # every worker started and warm
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         ahead = 2 * max(workers, 1)
         chunks = [files[i:i + batch] for i in range(0, len(files), batch)]
         pending = [pool.submit(c) for c in chunks[:ahead]]
@@ -72,8 +76,11 @@ def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: in
             parts.append(pending.pop(0).result().pixels)
             if i + ahead < len(chunks):
                 pending.append(pool.submit(chunks[i + ahead]))
-        seconds = time.perf_counter() - start
-    return len(files) / seconds, np.concatenate(parts)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers have exited: their CPU is in
+    worker_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    return len(files) / seconds, np.concatenate(parts), {
+        "worker_cpu_us_per_image": worker_cpu / len(files) * 1e6, "parent_cpu_us_per_image": cpu / len(files) * 1e6}
 
 
 def model_rate(scorer: LocalScorer, images: np.ndarray, batch: int) -> float:
@@ -152,12 +159,17 @@ def main() -> int:
         many = max(workers, 2)
         rates: dict[int, list[float]] = {1: [], many: []}
         decode_files = files[:DECODE_FILES]
+        cpu: dict[int, list[dict]] = {1: [], many: []}
         for _ in range(args.decode_rounds):
             for n in (1, many):
-                rate, images = decode_rate(decode_files, size, n, batch)
+                rate, images, used = decode_rate(decode_files, size, n, batch)
                 rates[n].append(rate)
+                cpu[n].append(used)
         if len(decode_files) < len(files):  # the model stage runs on every file
             images = decode_rate(files, size, many, batch)[1]
+        # CPU per image, median over rounds: p = workers' decode work, s = the collecting process's
+        worker_us = float(np.median([u["worker_cpu_us_per_image"] for u in cpu[many]]))
+        parent_us = float(np.median([u["parent_cpu_us_per_image"] for u in cpu[many]]))
 
         # 2. and 3. model stage alone around the end-to-end run
         scorer = LocalScorer(args.models_dir, args.model, args.backend or "onnx", args.device or "auto",
@@ -198,7 +210,12 @@ def main() -> int:
         "decode_only": {"files": len(decode_files), "workers": [1, many],
                         "images_per_s": [round(max(rates[1]), 1), round(max(rates[many]), 1)],
                         "all_runs": {str(k): [round(r, 1) for r in v] for k, v in rates.items()},
-                        "speedup": round(max(rates[many]) / max(rates[1]), 3)},
+                        "speedup": round(max(rates[many]) / max(rates[1]), 3),
+                        "worker_cpu_us_per_image": round(worker_us, 1), "parent_cpu_us_per_image": round(parent_us, 1),
+                        # N workers on N otherwise idle cores, the collecting process sharing them:
+                        # N * p / (p + s) times one worker (which has a core to itself, and the
+                        # collector another); an estimate from CPU times, not a measurement
+                        "speedup_expected_on_idle_cores": round(many * worker_us / (worker_us + parent_us), 3)},
         "cli_exit_code": code, "cli_summary": last_line,
         "ratios_of_all_trials": [round(t["ratio"], 3) for t in trials],
         "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
@@ -207,6 +224,8 @@ def main() -> int:
     print(f"{'what':<46}{'images/s':>12}")
     print(f"{'decode only, 1 worker process':<46}{max(rates[1]):>12.0f}")
     print(f"{f'decode only, {many} worker processes':<46}{max(rates[many]):>12.0f}   ({speedup:.2f}x)")
+    print(f"{'':<46}{'':>12}   (CPU per image: workers {worker_us:.1f} us, collector {parent_us:.1f} us;"
+          f" {result['decode_only']['speedup_expected_on_idle_cores']:.2f}x expected on {many} idle cores)")
     print(f"{'model alone, batched (mean of before/after)':<46}{model:>12.0f}")
     print(f"{'service.score, its scoring loop (as it reports)':<46}{loop:>12.0f}   ({result['loop_ratio']:.2f} of the model)")
     print(f"{'service.score, process start to exit':<46}{end_to_end:>12.0f}"
