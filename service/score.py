@@ -242,7 +242,8 @@ class GpuJpegDecoder:
 
 class LocalScorer:
     """Decode batches in worker processes (:class:`~service.decode_pool.DecodePool`) while the model
-    runs on the previous one; ``workers + 1`` batches are in flight (at least 2)."""
+    runs on the previous one. ``2 × workers`` batches (at least 2) are in flight, so every worker
+    has its next batch queued while the model waits for the oldest one."""
 
     def __init__(self, models_dir: Path, model: str, backend: str, device: str, batch_size: int,
                  workers: int, max_pixels: int = DEFAULT_MAX_PIXELS, decode: str = "cpu") -> None:
@@ -250,7 +251,7 @@ class LocalScorer:
         self.card = read_card(self.folder)
         self.backend, self.device, self.decode = backend, device, decode
         self.batch_size, self.max_pixels = batch_size, max_pixels
-        self.ahead = max(2, workers + 1)
+        self.ahead = max(2, 2 * workers)
         # workers first: they fork from a process with no model and no threads yet
         self.pool = DecodePool(workers, self.card["input"]["size"], max_pixels, gpu_jpegs=decode == "gpu")
         self.model: LoadedModel | None = None
