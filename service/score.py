@@ -142,7 +142,6 @@ def cuda_present() -> bool:
     """Whether the CUDA driver sees a GPU, asked of the driver itself (``cuInit`` and
     ``cuDeviceGetCount`` through ctypes): milliseconds, where importing torch to ask takes seconds."""
     import ctypes
-    import ctypes.util
 
     name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
     try:
