@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from typing import Any
 
@@ -78,6 +79,9 @@ def load_models(settings: Settings, layout: str, threads: int) -> dict[str, Load
 
 _OPTIONS = bentoml_options()  # what BentoML's decorators need (see module doc)
 LAYOUT = engine_layout(_OPTIONS["engine"], _OPTIONS["device"])
+# The processes BentoML starts from this one inherit the decision (and skip the CUDA probe, which
+# imports torch: once per start, not once per worker).
+os.environ["IMGCLF_ENGINE"] = LAYOUT
 WORKERS = api_workers(LAYOUT)
 HOLDER = ApiHolder()
 app = build_app(HOLDER)
