@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +33,8 @@ from torch import nn
 from service.preprocess import InputSpec, normalize
 
 MIN_PNG_SIDE = 224  # small inputs (CIFAR's 32x32) are drawn larger
+# A hook on a shared module sees every thread's forward pass: one explanation at a time per process.
+_HOOK_LOCK = threading.Lock()
 
 
 class ExplainError(ValueError):
@@ -128,11 +131,17 @@ def gradcam(net: nn.Module, image_uint8: np.ndarray, spec: InputSpec,
                            f"{image_uint8.dtype}")
     net = net.eval()
     target = feature_stages(net)[-1][1]
+    with _HOOK_LOCK:
+        return _gradcam_locked(net, target, image_uint8, spec, class_index)
+
+
+def _gradcam_locked(net: nn.Module, target: nn.Module, image_uint8: np.ndarray, spec: InputSpec,
+                    class_index: int | None) -> tuple[np.ndarray, int, np.ndarray]:
     captured: list[torch.Tensor] = []
     hook = target.register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        x = torch.from_numpy(normalize(image_uint8[None], spec))
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller runs in
+            x = torch.from_numpy(normalize(image_uint8[None], spec))
             logits = net(x)
             n_classes = logits.shape[1]
             if class_index is None:

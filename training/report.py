@@ -14,13 +14,14 @@ Writes next to the run or model (``--out`` elsewhere), each a PNG:
 * ``report-feature-maps.png``: one test image's feature maps after each stage;
 * ``report-reliability.png``: reliability diagrams with the ECE (15 bins), as the model outputs its
   probabilities and after a temperature fitted on the validation split (:mod:`training.calibration`);
-* ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`) over the first test images for the
-  top class, and the share of the heat inside the central box (half of each side) over the first 50;
+* ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`) for the top class over a seeded
+  sample of test images, and the share of the heat inside the central box (half of each side) over 50;
 
-and ``report.json`` with the numbers behind them (not into a registry folder: the command prints them). A run is evaluated with its checkpoint in
-PyTorch (its own test-time augmentation); a registry model with its ONNX graph on the CPU (what the
-service runs) over the split its card names, and its TorchScript file's weights for the filters and
-feature maps.
+and ``report.json`` with the numbers behind them (not into a registry folder, which keeps its card,
+graphs and figures only: the command prints the numbers). A run is evaluated with its checkpoint in
+PyTorch (its own test-time augmentation, its own ``--limit-eval`` sample); a registry model with its
+ONNX graph on the CPU (what the service runs) over the split its card names, and its TorchScript
+file's weights for the filters, feature maps and Grad-CAM.
 """
 
 from __future__ import annotations
@@ -344,12 +345,14 @@ def plot_reliability(panels: list[tuple[str, Any]], title: str, path: Path) -> P
 
 def plot_gradcam(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec,
                  classes: Sequence[str], title: str, path: Path, shown: int = 8, measured: int = 50) -> dict[str, Any]:
+    """Grad-CAM on a seeded sample of ``measured`` test images (CIFAR's test split is stored class by
+    class); the first ``shown`` of them drawn."""
     plt = pyplot()
     shares, drawn = [], []
-    for i in range(min(measured, len(images))):
+    for k, i in enumerate(seeded_permutation(len(images), 0)[:measured].tolist()):
         heat, predicted, probs = gradcam(net, images[i].numpy(), spec)
         shares.append(central_share(heat))
-        if i < shown:
+        if k < shown:
             drawn.append((i, heat, predicted, float(probs[predicted])))
     fig, axes = plt.subplots(1, len(drawn), figsize=(1.9 * len(drawn), 2.6), squeeze=False)
     for ax, (i, heat, predicted, p) in zip(axes[0], drawn):
@@ -430,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{report['subject']}: test accuracy {report['test_accuracy_measured']:.4f} on {report['test_images']} "
           f"images; ECE {cal['test_ece_before']:.4f} -> {cal['test_ece_after']:.4f}, NLL {cal['test_nll_before']:.4f} "
           f"-> {cal['test_nll_after']:.4f} at T = {cal['temperature']:.3f}; Grad-CAM central share "
-          f"{report['gradcam']['central_share_mean']:.3f} ({report['gradcam']['images']} images); "
+          f"{report['gradcam']['central_share_mean']:.3f}, above uniform for "
+          f"{100 * report['gradcam']['share_of_images_above_uniform']:.0f}% of {report['gradcam']['images']} images; "
           f"wrote {len(report['figures'])} figures")
 
 
