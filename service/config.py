@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from service.preprocess import DEFAULT_MAX_PIXELS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FALLBACK_DEFAULT_MODEL = "cifar10"
 
@@ -118,7 +120,7 @@ class Settings:
             max_queue=max(1, _int("IMGCLF_MAX_QUEUE", 4096)),
             batches_in_flight=max(1, _int("IMGCLF_BATCHES_IN_FLIGHT", 2)),
             max_body_bytes=_int("IMGCLF_MAX_BODY_BYTES", 8 * 1024 * 1024),
-            max_pixels=_int("IMGCLF_MAX_PIXELS", 40_000_000),
+            max_pixels=_int("IMGCLF_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_files=_int("IMGCLF_MAX_FILES", 64),
             engine_threads=_int("IMGCLF_ENGINE_THREADS", 0),
             timeout_s=timeout,

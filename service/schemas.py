@@ -11,6 +11,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
+from service.preprocess import MAX_SIDE
+
 
 class TopK(BaseModel):
     label: str
@@ -60,8 +62,9 @@ CLASSIFY_ERRORS: dict[int, tuple[str, list[str]]] = {
                           "empty_file", "not_an_image", "corrupt_image"]),
     404: ("the model is not served (`detail.valid` lists the served names)", ["unknown_model"]),
     408: ("the request body did not arrive within IMGCLF_BODY_TIMEOUT_S", ["body_timeout"]),
-    413: ("body over IMGCLF_MAX_BODY_BYTES, image over IMGCLF_MAX_PIXELS, or more files than "
-          "IMGCLF_MAX_FILES", ["body_too_large", "image_too_large", "too_many_files"]),
+    413: ("body over IMGCLF_MAX_BODY_BYTES, an image with more pixels than IMGCLF_MAX_PIXELS or a side "
+          f"over {MAX_SIDE:,} px, or more files than IMGCLF_MAX_FILES",
+          ["body_too_large", "image_too_large", "too_many_files"]),
     415: ("the body is not multipart/form-data", ["unsupported_media_type"]),
     503: ("overloaded: the request would wait longer than IMGCLF_MAX_LATENCY_MS (or find "
           "IMGCLF_MAX_QUEUE images queued); retry after `Retry-After` seconds", ["overloaded"]),

@@ -50,6 +50,8 @@ def test_document_declares_fields_and_every_status(spec: dict) -> None:
         statuses = set(spec["paths"][path]["post"]["responses"])
         assert {"200", "400", "404", "408", "413", "415", "503"} <= statuses
         assert "Retry-After" in spec["paths"][path]["post"]["responses"]["503"]["headers"]
+    too_large = spec["paths"]["/classify"]["post"]["responses"]["413"]["description"]
+    assert "IMGCLF_MAX_PIXELS" in too_large and "a side over 65,535 px" in too_large
     prediction = spec["components"]["schemas"]["Prediction"]
     assert set(prediction["required"]) == {"model", "version", "label", "probabilities", "top_k"}
 

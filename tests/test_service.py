@@ -343,6 +343,48 @@ def test_bad_input_gets_clear_4xx(server: Server, case: str) -> None:
     assert httpx.get(server.url + "/livez").status_code == 200
 
 
+def wide_png(width: int, height: int) -> bytes:
+    """A real, small PNG file of width x height grey pixels (zeros compress to almost nothing)."""
+    return encode(Image.new("L", (width, height), 128), optimize=False)
+
+
+@pytest.mark.parametrize("model", ["cifar10", "catsdogs"])
+def test_extreme_aspect_images_are_bounded_over_http(server: Server, model: str) -> None:
+    """A 40,000x1 PNG is served (its resize reads only what the crop keeps); a side over 65,535 px
+    (1,000,000x1, 1x1,000,000) is refused from the header with 413; the server still answers."""
+    response = post(server, {"image": ("w.png", wide_png(40_000, 1), "image/png")}, {"model": model})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == model
+    for size in ((1_000_000, 1), (1, 1_000_000)):
+        response = post(server, {"image": ("w.png", wide_png(*size), "image/png")}, {"model": model})
+        assert response.status_code == 413, (size, response.text)
+        assert response.json()["error"] == "image_too_large" and "65535" in response.json()["detail"]
+    assert httpx.get(server.url + "/livez").status_code == 200
+    small = post(server, {"image": ("x.png", encode(Image.new("RGB", (40, 30), (9, 90, 200))))}, {"model": model})
+    assert small.status_code == 200, small.text
+
+
+def test_onnx_runs_on_cpu_return_their_arena_memory() -> None:
+    """After a big batch the CPU arena is shrunk back (issue 13's retained-memory finding)."""
+    from service.registry import load_model
+
+    model = load_model(SHIPPED_MODELS / "catsdogs", "onnx", "cpu", threads=1)
+    assert model.backend.device == "cpu"
+    assert model.backend.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    probabilities = model.predict(np.zeros((2, 3, 96, 96), np.uint8))
+    assert probabilities.shape == (2, 2) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
+
+
+def test_default_pixel_limit_is_the_preprocess_constant(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import Settings
+    from service.preprocess import DEFAULT_MAX_PIXELS
+
+    monkeypatch.delenv("IMGCLF_MAX_PIXELS", raising=False)
+    assert Settings.from_env().max_pixels == DEFAULT_MAX_PIXELS
+    monkeypatch.setenv("IMGCLF_MAX_PIXELS", "1234")
+    assert Settings.from_env().max_pixels == 1234
+
+
 def raw_request(server: Server, head: bytes, body_chunks: Iterator[bytes] = iter(()), close_early: bool = False) -> bytes:
     """Send a hand-made HTTP/1.1 request over a socket; the raw answer (b"" if closed early)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
