@@ -37,6 +37,7 @@ from service.config import Settings
 from service.engine import Batcher, Overloaded
 from service.logs import request_id
 from service.preprocess import ImageError
+from service.ui import ui_routes
 
 logger = logging.getLogger("imgclf.service")
 
@@ -421,4 +422,5 @@ def build_app(holder: ApiHolder) -> Starlette:
         Route("/models/{name}", one_model, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
+        *ui_routes(),  # the /ui page (service/ui.py)
     ])
