@@ -111,3 +111,28 @@ def test_first_layer_filters_and_stages_for_the_zoo() -> None:
         assert len(outputs) == len(feature_stages(net)) >= 2, name
         sizes = [out.shape[-1] for _, out in outputs]
         assert sizes == sorted(sizes, reverse=True) and sizes[-1] < 32, name  # resolution falls stage by stage
+
+
+def test_compare_commands_write_their_tables_and_figure(tmp_path: Path, cifar_folder: Path) -> None:
+    """Both course comparisons at a tiny budget: one figure, a table row per optimizer / network."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_compare", REPO / "benchmarks" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    OPTIMIZERS, compare_main = compare.OPTIMIZERS, compare.main
+
+    tiny = ["--limit-train", "256", "--epochs", "1", "--limit-eval", "100", "--batch-size", "128"]
+    compare_main(["optimizers", "--out", str(tmp_path / "opt"), *tiny])
+    with Image.open(tmp_path / "opt" / "compare-optimizers.png") as image:
+        assert image.format == "PNG"
+    rows = json.loads((tmp_path / "opt" / "compare-optimizers.json").read_text())["rows"]
+    assert [r["optimizer"] for r in rows] == list(OPTIMIZERS)
+    seeds = {json.loads((tmp_path / "opt" / n / "metrics.json").read_text())["data_fingerprint"] for n in OPTIMIZERS}
+    assert len(seeds) == 1  # the same split for all three
+    compare_main(["architectures", "--out", str(tmp_path / "arch"), *tiny, "--models", "plain_cnn", "lenet5",
+                  "--inference-images", "250"])
+    rows = json.loads((tmp_path / "arch" / "compare-architectures.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["plain_cnn", "lenet5"]
+    assert all(r["inference_images_per_s"] > 0 and r["parameters"] > 0 for r in rows)
+    assert "| lenet5 |" in (tmp_path / "arch" / "compare-architectures.md").read_text()
