@@ -17,6 +17,7 @@ from service.preprocess import DEFAULT_MAX_PIXELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FALLBACK_DEFAULT_MODEL = "cifar10"
+DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024  # per API worker: 32 bodies at the default 8 MiB limit
 
 
 def _int(name: str, default: int) -> int:
@@ -91,6 +92,7 @@ class Settings:
     max_batch_size: int
     max_latency_ms: int  # queue-wait cap: a request expected to wait longer gets 503 + Retry-After
     max_queue: int  # images waiting per API worker; more get 503 + Retry-After
+    max_queue_bytes: int  # upload bytes waiting per API worker (queued or decoding); more get 503
     batches_in_flight: int  # batches a worker runs at once (decode/model of one overlaps the other)
     max_body_bytes: int
     max_pixels: int
@@ -118,6 +120,7 @@ class Settings:
             max_batch_size=max(2, _int("IMGCLF_MAX_BATCH_SIZE", 128)),
             max_latency_ms=max(1, _int("IMGCLF_MAX_LATENCY_MS", 2000)),
             max_queue=max(1, _int("IMGCLF_MAX_QUEUE", 4096)),
+            max_queue_bytes=max(0, _int("IMGCLF_MAX_QUEUE_BYTES", DEFAULT_MAX_QUEUE_BYTES)),
             batches_in_flight=max(1, _int("IMGCLF_BATCHES_IN_FLIGHT", 2)),
             max_body_bytes=_int("IMGCLF_MAX_BODY_BYTES", 8 * 1024 * 1024),
             max_pixels=_int("IMGCLF_MAX_PIXELS", DEFAULT_MAX_PIXELS),

@@ -13,8 +13,8 @@ is decoded and run with **one** call of the runner:
   is a single process.
 
 The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated as the
-batches ahead of it times the recent batch run time), or that finds ``max_queue`` images waiting,
-is refused at once with
+images ahead of it times the recent run time per image), that finds ``max_queue`` images waiting,
+or whose uploads would take the bytes waiting past ``max_queue_bytes``, is refused at once with
 :class:`Overloaded` (the API answers 503 + ``Retry-After``); a request still queued when its wait
 passes the cap, or whose client has gone, is dropped before it runs.
 """
@@ -139,32 +139,40 @@ class Batcher:
     """A bounded, latency-capped batching queue on the worker's event loop (see module doc)."""
 
     def __init__(self, runner: Runner, max_batch_size: int, max_latency_ms: int, max_queue: int,
-                 batching: bool = True, in_flight: int = 1) -> None:
+                 batching: bool = True, in_flight: int = 1, max_queue_bytes: int = 0) -> None:
         self.runner = runner
         self.max_batch_size = max_batch_size if batching else 1
         self.max_wait_s = max_latency_ms / 1000
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes  # 0: no cap
         self.in_flight_limit = in_flight
         self.queue: deque[Job] = deque()
         self.in_flight = 0  # images in batches being run
         self.running = 0  # batches being run
-        self.batch_seconds = 0.0  # moving average of a batch's run time (0: not measured yet)
+        self.waiting_bytes = 0  # upload bytes queued or in batches being run
+        self.image_seconds = 0.0  # moving average of a batch's run time per image (0: not measured yet)
         self.batches = 0  # batches run (one runner call each)
         self.dropped = 0  # jobs dropped before running: client gone or waited past the cap
 
     def expected_wait_s(self, extra: int) -> float:
-        """Time until ``extra`` more images would be answered: the batches ahead of them (the
-        running ones, then the queue in full batches) at the recent batch run time. Batch time
-        grows slower than batch size, so this is not images x time per image."""
-        batches = self.running + math.ceil((len(self.queue) + extra) / self.max_batch_size)
-        return batches * self.batch_seconds / self.in_flight_limit
+        """Time until ``extra`` more images would be answered: the images ahead of them (the queue;
+        the running batches too when no batch slot is free) and their own, at the recent run time
+        per image, shared by the batch slots. Per image rather than per batch, so one slow batch
+        (a few large decodes) does not make every small request after it look slow."""
+        ahead = len(self.queue) + extra + (self.in_flight if self.running >= self.in_flight_limit else 0)
+        return ahead * self.image_seconds / self.in_flight_limit
 
-    def refusal(self, images: int) -> Overloaded | None:
-        """Why ``images`` more images cannot be queued now (None: they can). Cheap: the endpoint
-        asks before reading a request's body, so refusing under overload costs next to nothing."""
+    def refusal(self, images: int, nbytes: int = 0) -> Overloaded | None:
+        """Why ``images`` more images (``nbytes`` of uploads) cannot be queued now (None: they can).
+        Cheap: the endpoint asks (with ``nbytes`` 0) before reading a request's body, so refusing
+        under overload costs next to nothing."""
         waiting = len(self.queue) + self.in_flight
         if waiting + images > self.max_queue:
             return Overloaded(f"{waiting} images are queued in this worker (IMGCLF_MAX_QUEUE={self.max_queue})",
+                              max(1, math.ceil(self.expected_wait_s(0))))
+        if self.max_queue_bytes and waiting and self.waiting_bytes + nbytes > self.max_queue_bytes:
+            return Overloaded(f"{self.waiting_bytes} bytes of uploads are queued in this worker "
+                              f"(IMGCLF_MAX_QUEUE_BYTES={self.max_queue_bytes})",
                               max(1, math.ceil(self.expected_wait_s(0))))
         wait = self.expected_wait_s(images)
         if wait > self.max_wait_s and waiting:
@@ -174,13 +182,14 @@ class Batcher:
 
     def submit(self, model: str, blobs: Sequence[bytes], size: tuple[int, int]) -> list[asyncio.Future[Any]]:
         """Queue one job per blob; raises :class:`Overloaded` when the queue cannot take them."""
-        if (refused := self.refusal(len(blobs))) is not None:
+        if (refused := self.refusal(len(blobs), sum(len(blob) for blob in blobs))) is not None:
             raise refused
         loop = asyncio.get_running_loop()
         futures = []
         for blob in blobs:
             future = loop.create_future()
             self.queue.append(Job(model, blob, size, future))
+            self.waiting_bytes += len(blob)
             futures.append(future)
         self._start(loop)
         return futures
@@ -193,9 +202,11 @@ class Batcher:
             job = self.queue.popleft()
             if job.future.done():
                 self.dropped += 1
+                self.waiting_bytes -= len(job.data)
                 continue
             if now - job.queued_at > self.max_wait_s:
                 self.dropped += 1
+                self.waiting_bytes -= len(job.data)
                 job.future.set_exception(Overloaded(
                     f"waited {(now - job.queued_at) * 1000:.0f} ms in the queue (IMGCLF_MAX_LATENCY_MS)",
                     max(1, math.ceil(self.expected_wait_s(0)))))
@@ -218,11 +229,12 @@ class Batcher:
             rows: list[Any] = await self.runner(batch)
         except Exception as exc:  # every job of the batch fails with it; the queue lives on
             rows = [exc] * len(batch)
-        took = time.perf_counter() - began
-        self.batch_seconds = took if not self.batch_seconds else 0.8 * self.batch_seconds + 0.2 * took
+        per_image = (time.perf_counter() - began) / len(batch)
+        self.image_seconds = per_image if not self.image_seconds else 0.8 * self.image_seconds + 0.2 * per_image
         self.batches += 1
         self.running -= 1
         self.in_flight -= len(batch)
+        self.waiting_bytes -= sum(len(job.data) for job in batch)
         for job, row in zip(batch, rows):
             if job.future.done():  # cancelled meanwhile: its client has gone
                 continue

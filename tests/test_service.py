@@ -233,7 +233,7 @@ def test_batcher_refuses_before_the_body_is_read_when_the_wait_is_over_the_cap()
     async def scenario() -> tuple:
         runner = GatedRunner()
         queue = batcher(runner, max_latency_ms=1)
-        queue.batch_seconds = 0.5  # measured batch run time (a slow model)
+        queue.image_seconds = 0.5  # measured run time per image (a slow model)
         idle = queue.refusal(1)  # nothing queued: a lone request is never refused
         queue.submit("m", [b"a"], (2, 2))
         await asyncio.sleep(0)
@@ -246,6 +246,56 @@ def test_batcher_refuses_before_the_body_is_read_when_the_wait_is_over_the_cap()
     idle, busy, drained = asyncio.run(scenario())
     assert idle is None and drained is None
     assert busy is not None and "IMGCLF_MAX_LATENCY_MS" in busy.detail and busy.retry_after_s >= 1
+
+
+def test_batcher_caps_the_upload_bytes_it_holds() -> None:
+    """IMGCLF_MAX_QUEUE_BYTES: uploads queued or running count against the cap until their batch
+    is done; past it, 503 material; a lone request is never refused for its size."""
+    from service.engine import Batcher, Overloaded
+
+    async def scenario() -> tuple:
+        runner = GatedRunner()
+        queue = Batcher(runner, max_batch_size=8, max_latency_ms=10_000, max_queue=100, max_queue_bytes=10)
+        lone = queue.submit("m", [b"x" * 12], (2, 2))  # over the cap, but nothing else waits
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as full:
+            queue.submit("m", [b"y"], (2, 2))
+        held = queue.waiting_bytes
+        runner.gate.set()
+        await asyncio.gather(*lone)
+        again = queue.submit("m", [b"abcd", b"efgh"], (2, 2))
+        await asyncio.gather(*again)
+        return full.value, held, queue.waiting_bytes
+
+    full, held, after = asyncio.run(scenario())
+    assert "IMGCLF_MAX_QUEUE_BYTES=10" in full.detail and full.retry_after_s >= 1
+    assert held == 12 and after == 0
+
+
+def test_one_slow_batch_does_not_refuse_small_requests_while_a_slot_is_free() -> None:
+    """The wait estimate is per image: after a batch of 64 large decodes took 0.64 s (10 ms an
+    image), a small request with a batch slot free is accepted under a 400 ms cap; a per-batch
+    estimate (0.64 s a batch) refused it."""
+    from service.engine import Batcher
+
+    async def scenario() -> tuple:
+        runner = GatedRunner()
+        queue = Batcher(runner, max_batch_size=64, max_latency_ms=400, max_queue=1000, in_flight=2)
+        queue.image_seconds = 0.64 / 64
+        queue.submit("m", [b"big"] * 64, (2, 2))  # runs in one slot
+        await asyncio.sleep(0)
+        free_slot = queue.refusal(1)
+        queue.submit("m", [b"big"] * 64, (2, 2))  # both slots busy now
+        await asyncio.sleep(0)
+        busy = queue.refusal(1)
+        runner.gate.set()
+        while queue.running:
+            await asyncio.sleep(0.001)
+        return free_slot, busy
+
+    free_slot, busy = asyncio.run(scenario())
+    assert free_slot is None
+    assert busy is not None and "IMGCLF_MAX_LATENCY_MS" in busy.detail
 
 
 def test_models_endpoint_lists_cards(server: Server) -> None:
