@@ -4,9 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 
-.PHONY: setup test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs compare-optimizers compare-architectures lint clean
+.PHONY: setup browser test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs compare-optimizers compare-architectures lint clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed browser
+
+# Chromium and playwright-core for tests/test_ui.py (the /ui page in a real browser). Never fails
+# setup: where either cannot be installed, that test skips and says why.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) \
+			|| echo "make browser: chromium not installed; tests/test_ui.py will skip"; fi
+	@if [ ! -f node_modules/playwright-core/package.json ]; then \
+		(command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --silent) \
+			|| echo "make browser: playwright-core not installed; tests/test_ui.py will skip"; fi
 
 $(VENV)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)

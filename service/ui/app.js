@@ -22,6 +22,8 @@ const MESSAGES = {
   starting: "The service is still starting. Try again in a moment.",
   method_not_allowed: "The service refused this kind of request.",
   internal_error: "Something went wrong inside the service while answering.",
+  not_explainable: "This model cannot draw a Grad-CAM explanation.",
+  invalid_class: "The class to explain is not one of the model's classes.",
 };
 const NETWORK_MESSAGE = "The service could not be reached. Check that it is running.";
 
@@ -178,7 +180,10 @@ async function classify(file, model, topK) {
   node.classList.remove("pending");
   node.querySelector(".status").hidden = true;
   node.querySelector(".label").textContent = result.label;
-  node.querySelector(".meta").textContent = `${result.model} · version ${result.version}`;
+  const accuracy = state.cards[result.model] && state.cards[result.model].metrics
+    ? state.cards[result.model].metrics.test_accuracy : undefined;
+  node.querySelector(".meta").textContent = `${result.model} · version ${result.version}`
+    + (typeof accuracy === "number" ? ` · test accuracy ${(100 * accuracy).toFixed(1)}%` : "");
   drawBars(node.querySelector(".bars"), result.top_k);
   await explain(node, file, model);
   node.classList.add("done");

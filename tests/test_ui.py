@@ -1,0 +1,160 @@
+"""The /ui page, end to end in a real headless Chromium.
+
+The browser test starts the real server (fixture ``server``), opens ``/ui`` in Debian's Chromium
+driven by ``playwright-core`` (``tests/ui_driver.mjs``; no browser download), classifies a real
+CIFAR-10 image with the cifar10 model (file picker) and a real cat photo with the catsdogs model
+(drag-and-drop), then a text file, and checks what the page drew against what the API answers for
+the same files. It skips, saying why, where no browser can be had (``make browser`` installs one).
+
+Screenshot: the page after the three uploads is saved in the test's tmp folder, and also to the
+path in ``IMGCLF_UI_SCREENSHOT`` when set (docs/ui.png was made with
+``IMGCLF_UI_SCREENSHOT=docs/ui.png .venv/bin/python -m pytest tests/test_ui.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from conftest import REPO, Server
+from service.app import ApiHolder, build_app
+from service import schemas
+from service.schemas import CLASSIFY_ERRORS
+
+CHROMIUM = Path(os.environ.get("IMGCLF_CHROMIUM", "/usr/bin/chromium"))
+DRIVER = REPO / "tests" / "ui_driver.mjs"
+UI_DIR = REPO / "service" / "ui"
+
+
+# --- the page's files (no browser) ------------------------------------------------------------------
+
+def test_page_and_assets_are_served_without_external_resources() -> None:
+    client = TestClient(build_app(ApiHolder()))
+    page = client.get("/ui")
+    assert page.status_code == 200 and page.url.path == "/ui/"
+    assert "text/html" in page.headers["content-type"]
+    references = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert {"style.css", "app.js"} <= set(references)
+    assert not [ref for ref in references if re.match(r"(https?:)?//", ref)], "the page must load nothing from outside"
+    for asset in ("app.js", "style.css"):
+        response = client.get(f"/ui/{asset}")
+        assert response.status_code == 200 and response.text == (UI_DIR / asset).read_text()
+        assert not re.search(r"https?://", response.text), f"{asset} refers to an outside URL"
+    assert client.get("/ui/missing.js").status_code == 404
+
+
+def test_every_api_error_code_has_a_plain_sentence() -> None:
+    script = (UI_DIR / "app.js").read_text()
+    block = script[script.index("const MESSAGES = {"): script.index("};", script.index("const MESSAGES = {"))]
+    sentences = dict(re.findall(r'^\s+(\w+): "([^"]+)"', block, flags=re.M))
+    tables = [CLASSIFY_ERRORS, getattr(schemas, "EXPLAIN_ERRORS", {})]  # /explain's, where it is served
+    codes = {code for table in tables for _, names in table.values() for code in names}
+    assert codes - set(sentences) == set(), "error codes the page would only show as a status number"
+    for code, sentence in sentences.items():
+        assert "_" not in sentence and sentence.endswith("."), (code, sentence)
+
+
+# --- the page in a browser --------------------------------------------------------------------------
+
+def browser_or_skip() -> str:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (`make browser` installs Debian's chromium; IMGCLF_CHROMIUM names another)")
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("Node.js is absent: the browser test drives Chromium with playwright-core (`make browser`)")
+    if not (REPO / "node_modules" / "playwright-core" / "package.json").exists():
+        pytest.skip("playwright-core is not installed in node_modules (`make browser` runs npm ci)")
+    return node
+
+
+def api_classify(server: Server, path: Path, model: str) -> dict:
+    with path.open("rb") as handle:
+        response = httpx.post(f"{server.url}/classify", files={"image": (path.name, handle)},
+                              data={"model": model, "top_k": "5"}, timeout=60)
+    response.raise_for_status()
+    return response.json()
+
+
+def first_correct(server: Server, paths: list[Path], model: str, truth: str) -> tuple[Path, dict]:
+    """The first of these images that the API labels ``truth`` (so the page's label is checkable
+    against the ground truth too)."""
+    for path in paths:
+        answer = api_classify(server, path, model)
+        if answer["label"] == truth:
+            return path, answer
+    raise AssertionError(f"none of {len(paths)} {truth} images is labeled {truth} by {model}")
+
+
+def explain_status(server: Server, path: Path, model: str) -> int:
+    with path.open("rb") as handle:
+        return httpx.post(f"{server.url}/explain", files={"image": (path.name, handle)},
+                          data={"model": model}, timeout=120).status_code
+
+
+def check_prediction(shown: dict, answer: dict, card: dict) -> None:
+    assert not shown["failed"] and shown["error"] is None
+    assert shown["label"] == answer["label"]
+    assert shown["model"] == card["name"] and card["version"] in shown["meta"]
+    assert f"test accuracy {100 * card['metrics']['test_accuracy']:.1f}%" in shown["meta"]
+    assert shown["preview_loaded"], "the preview of the upload did not render"
+    bars = shown["bars"]
+    assert [bar["label"] for bar in bars] == [row["label"] for row in answer["top_k"]]
+    assert len(bars) == min(5, len(card["classes"]))
+    for bar, row in zip(bars, answer["top_k"]):
+        assert bar["value"] == f"{100 * row['probability']:.1f}%"
+        assert abs(bar["share"] - row["probability"]) < 0.01, (bar, row)  # the drawn width
+    shares = [bar["share"] for bar in bars]
+    assert shares == sorted(shares, reverse=True)
+    assert f"{100 * card['metrics']['test_accuracy']:.1f}%" in shown["card"] and card["version"] in shown["card"]
+
+
+def test_page_classifies_uploads_in_chromium(server: Server, cifar_folder: Path, catsdogs_folder: Path,
+                                            tmp_path: Path) -> None:
+    node = browser_or_skip()
+    models = httpx.get(f"{server.url}/models").json()["models"]
+    cifar, cifar_answer = first_correct(server, sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[:10],
+                                        "cifar10", "ship")
+    cat, cat_answer = first_correct(server, [catsdogs_folder / "train" / f"cat.{i}.jpg" for i in range(10)],
+                                    "catsdogs", "cat")
+    text = tmp_path / "notes.txt"
+    text.write_text("these are notes, not a photo\n")
+    screenshot = tmp_path / "ui.png"
+    plan = {"url": server.url, "chromium": str(CHROMIUM), "screenshot": str(screenshot), "steps": [
+        {"model": "cifar10", "file": str(cifar)},
+        {"model": "catsdogs", "file": str(cat), "drop": True},
+        {"model": "catsdogs", "file": str(text)},
+    ]}
+    run = subprocess.run([node, str(DRIVER), json.dumps(plan)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout)
+    if target := os.environ.get("IMGCLF_UI_SCREENSHOT"):
+        shutil.copyfile(screenshot, REPO / target)
+
+    assert seen["status"] == 200 and seen["final_url"].endswith("/ui/")
+    assert seen["console_errors"] == []
+    assert seen["models"] == sorted(models)
+    first, second, third = seen["steps"]
+    assert first["name"] == cifar.name and second["name"] == cat.name
+    check_prediction(first, cifar_answer, models["cifar10"])
+    check_prediction(second, cat_answer, models["catsdogs"])
+
+    # /explain is feature-detected: the overlay is shown where the endpoint answers, hidden where not
+    status = explain_status(server, cat, "catsdogs")
+    if status in (404, 405):
+        assert not first["gradcam_shown"] and not second["gradcam_shown"]
+    else:
+        assert status == 200 and second["gradcam_shown"] and second["gradcam_width"] > 0
+
+    assert third["failed"] and third["bars"] == [] and third["label"] == ""
+    assert third["error"] == "This file is not an image the service can read. Send a JPEG, PNG, GIF, WebP, TIFF or BMP file."
+    assert third["error_code"].startswith("not_an_image")
+    assert screenshot.stat().st_size > 10_000
