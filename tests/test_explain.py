@@ -39,12 +39,29 @@ def photos(card: dict, catsdogs_folder: Path):
     return test.subset(seeded_permutation(len(test), 0)[:PHOTOS])
 
 
-def test_rebuilt_network_computes_the_shipped_graph(net: torch.nn.Module, card: dict) -> None:
-    """The eager network Grad-CAM differentiates is the TorchScript file's network."""
+def test_gradcam_graph_computes_the_shipped_graph(net: torch.nn.Module, card: dict) -> None:
+    """The registry's Grad-CAM graph (model.cam.pt) computes the serving graph's network: its logits
+    give the TorchScript file's probabilities, and its feature map is the last stage's (3 x 3 at 96 px)."""
     scripted = torch.jit.load(str(CATSDOGS / card["artifacts"]["torchscript"]["file"]))
     x = torch.randn(4, 3, *card["input"]["size"])
     with torch.no_grad():
-        assert torch.allclose(net(x).softmax(1), scripted(x), atol=1e-5)
+        logits, features = net(x)
+        assert torch.allclose(logits.softmax(1), scripted(x), atol=1e-5)
+    assert features.shape[0] == 4 and features.dim() == 4 and features.shape[-1] < card["input"]["size"][1]
+
+
+def test_a_changed_gradcam_graph_is_refused(tmp_path: Path, card: dict) -> None:
+    import shutil
+
+    folder = tmp_path / "catsdogs"
+    shutil.copytree(CATSDOGS, folder)
+    with open(folder / card["artifacts"]["gradcam"]["file"], "ab") as handle:
+        handle.write(b"x")
+    with pytest.raises(ExplainError, match="not_explainable.*sha256"):
+        load_explainable(folder)
+    (folder / card["artifacts"]["gradcam"]["file"]).unlink()
+    with pytest.raises(ExplainError, match="missing"):
+        load_explainable(folder)
 
 
 def test_heat_lies_on_the_animal_not_the_border(net, card, photos) -> None:
@@ -67,20 +84,21 @@ def test_png_is_the_image_with_heat_for_the_asked_class(net, card, photos) -> No
     png = gradcam_png(net, image, spec)
     with Image.open(io.BytesIO(png)) as decoded:
         assert decoded.format == "PNG" and decoded.size == (288, 288) and decoded.mode == "RGB"
-    # from the file path too (the registry's TorchScript file, architecture from its card)
+    # from the registry entry's path too (its card lists the Grad-CAM graph)
     assert gradcam_png(CATSDOGS / card["artifacts"]["torchscript"]["file"], image, spec) == png
 
 
-def test_checkpoint_and_small_images(tmp_path: Path) -> None:
-    """A training checkpoint (best.pt) explains too; CIFAR-sized inputs are drawn at 224+ pixels."""
+def test_exported_checkpoint_explains_and_small_images_are_drawn_larger(tmp_path: Path) -> None:
+    """A training checkpoint exported with training.cam explains; CIFAR-sized inputs are drawn at 224+ px."""
+    from training.cam import write_cam_graph
     from training.nets import build_model
 
-    model = build_model("resnet20", 10)
-    torch.save({"arch": "resnet20", "state_dict": model.state_dict(), "classes": [str(i) for i in range(10)]},
-               tmp_path / "best.pt")
+    model = build_model("resnet20", 10).eval()
+    write_cam_graph(model, torch.zeros(2, 3, 32, 32), tmp_path / "model.cam.pt")
+    graph = torch.jit.load(str(tmp_path / "model.cam.pt"))
     spec = InputSpec((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     image = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
-    with Image.open(io.BytesIO(gradcam_png(tmp_path / "best.pt", image, spec, class_index=3))) as decoded:
+    with Image.open(io.BytesIO(gradcam_png(graph, image, spec, class_index=3))) as decoded:
         assert decoded.size == (224, 224)
 
 
@@ -106,14 +124,16 @@ def test_central_share() -> None:
     assert central_share(np.zeros((8, 8))) == 0.0
 
 
-def test_concurrent_and_inference_mode_callers_get_their_own_heat() -> None:
+def test_concurrent_and_inference_mode_callers_get_their_own_heat(tmp_path: Path) -> None:
     """The HTTP layer may call from worker threads, or under torch.inference_mode()."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from training.cam import write_cam_graph
     from training.nets import build_model
 
     torch.manual_seed(0)
-    net = build_model("resnet20", 10).eval()
+    write_cam_graph(build_model("resnet20", 10), torch.zeros(2, 3, 32, 32), tmp_path / "cam.pt")
+    net = torch.jit.load(str(tmp_path / "cam.pt"))
     spec = InputSpec((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     images = np.random.default_rng(1).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
     alone = [gradcam(net, image, spec, class_index=2)[0] for image in images]
@@ -122,3 +142,14 @@ def test_concurrent_and_inference_mode_callers_get_their_own_heat() -> None:
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(alone, together))
     with torch.inference_mode():
         assert np.allclose(gradcam(net, images[0], spec, class_index=2)[0], alone[0], atol=1e-6)
+
+
+def test_the_service_side_imports_no_training_code() -> None:
+    """service/explain.py runs the exported graph: nothing from training/ is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, service.explain as e; e.load_explainable('models/catsdogs'); "
+            "print(sorted(m for m in sys.modules if m.startswith('training')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

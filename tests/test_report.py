@@ -100,7 +100,7 @@ def test_report_refuses_a_folder_without_a_model(tmp_path: Path) -> None:
 
 
 def test_first_layer_filters_and_stages_for_the_zoo() -> None:
-    from service.explain import feature_stages
+    from training.cam import feature_stages
     from training.nets import ARCHITECTURES, build_model
     from training.report import first_conv, stage_outputs
 

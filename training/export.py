@@ -42,6 +42,7 @@ from torch import nn
 
 from service.preprocess import InputSpec, normalize
 from training.data import REPO_ROOT, Dataset, sha256_file
+from training.cam import CAM_FILE, write_cam_graph
 from training.nets import TestTimeAugment, build_model
 from training.train import evaluate, load_dataset
 
@@ -266,6 +267,7 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
     net, ckpt, metrics = load_checkpoint(run_dir)
     spec = InputSpec.from_card(ckpt)
     data = load_data(ckpt, metrics, spec)
+    plain = net  # Grad-CAM explains the network itself, not its test-time-augmented average
     net, tta = apply_tta(net, data, tta_mode, metrics, int(ckpt.get("tta", 0)))
     run_on = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
@@ -284,6 +286,8 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
         quiet(export_onnx, exportable, example, artifacts["onnx"])
         with torch.no_grad():
             quiet(torch.jit.trace, exportable, example).save(str(artifacts["torchscript"]))
+        artifacts["gradcam"] = staging / CAM_FILE  # for POST /explain (training/cam.py)
+        write_cam_graph(plain, example, artifacts["gradcam"])
         # against the original model, so a replaced pool must match it too
         parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
         card = build_card(name, ckpt, metrics, artifacts, parity, tta, calibration)

@@ -14,7 +14,7 @@ Writes next to the run or model (``--out`` elsewhere), each a PNG:
 * ``report-feature-maps.png``: one test image's feature maps after each stage;
 * ``report-reliability.png``: reliability diagrams with the ECE (15 bins), as the model outputs its
   probabilities and after a temperature fitted on the validation split (:mod:`training.calibration`);
-* ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`) for the top class over a seeded
+* ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`, on :class:`training.cam.CamGraph`) for the top class over a seeded
   sample of test images, and the share of the heat inside the central box (half of each side) over 50;
 
 and ``report.json`` with the numbers behind them (not into a registry folder, which keeps its card,
@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.explain import central_share, colormap, feature_stages, gradcam, load_explainable
+from service.explain import central_share, colormap, gradcam
+from training.cam import CamGraph, feature_stages, rebuild_from_registry
 from service.preprocess import InputSpec, normalize
 from training.calibration import (ECE_BINS, calibration_summary, fit_temperature, logits_from_probabilities,
                                   reliability, softmax)
@@ -108,7 +109,7 @@ def load_model_dir(folder: Path, limit: int = 0) -> Subject:
     data = card_dataset(card)
     val, test = sample(data.val, limit), sample(data.test, limit)
     onnx_path = folder / card["artifacts"]["onnx"]["file"]
-    net = load_explainable(folder / card["artifacts"]["torchscript"]["file"])
+    net = rebuild_from_registry(folder)[0]
     return Subject(f"{card['name']} ({card['architecture']}, registry v{card['version']})", list(card["classes"]),
                    spec, net, val, test, onnx_log_probabilities(onnx_path, val, spec),
                    onnx_log_probabilities(onnx_path, test, spec), [], card["metrics"]["test_accuracy"],
@@ -349,8 +350,9 @@ def plot_gradcam(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, spe
     class); the first ``shown`` of them drawn."""
     plt = pyplot()
     shares, drawn = [], []
+    cam_graph = CamGraph(net).eval()  # (logits, last feature map), as the exported Grad-CAM graph
     for k, i in enumerate(seeded_permutation(len(images), 0)[:measured].tolist()):
-        heat, predicted, probs = gradcam(net, images[i].numpy(), spec)
+        heat, predicted, probs = gradcam(cam_graph, images[i].numpy(), spec)
         shares.append(central_share(heat))
         if k < shown:
             drawn.append((i, heat, predicted, float(probs[predicted])))
