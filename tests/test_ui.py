@@ -13,6 +13,7 @@ path in ``IMGCLF_UI_SCREENSHOT`` when set (docs/ui.png was made with
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from starlette.testclient import TestClient
 
 from conftest import REPO, Server
 from service.app import ApiHolder, build_app
@@ -36,19 +36,26 @@ UI_DIR = REPO / "service" / "ui"
 
 # --- the page's files (no browser) ------------------------------------------------------------------
 
+def fetch_all(paths: list[str]) -> list[httpx.Response]:
+    """GET these paths from the app (in process, no server: the page needs no model)."""
+    async def fetch() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=build_app(ApiHolder()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://ui.test", follow_redirects=True) as client:
+            return [await client.get(path) for path in paths]
+    return asyncio.run(fetch())
+
+
 def test_page_and_assets_are_served_without_external_resources() -> None:
-    client = TestClient(build_app(ApiHolder()))
-    page = client.get("/ui")
+    page, app_js, style_css, missing = fetch_all(["/ui", "/ui/app.js", "/ui/style.css", "/ui/missing.js"])
     assert page.status_code == 200 and page.url.path == "/ui/"
     assert "text/html" in page.headers["content-type"]
     references = re.findall(r'(?:src|href)="([^"]+)"', page.text)
     assert {"style.css", "app.js"} <= set(references)
     assert not [ref for ref in references if re.match(r"(https?:)?//", ref)], "the page must load nothing from outside"
-    for asset in ("app.js", "style.css"):
-        response = client.get(f"/ui/{asset}")
+    for asset, response in (("app.js", app_js), ("style.css", style_css)):
         assert response.status_code == 200 and response.text == (UI_DIR / asset).read_text()
         assert not re.search(r"https?://", response.text), f"{asset} refers to an outside URL"
-    assert client.get("/ui/missing.js").status_code == 404
+    assert missing.status_code == 404
 
 
 def test_every_api_error_code_has_a_plain_sentence() -> None:
@@ -64,9 +71,12 @@ def test_every_api_error_code_has_a_plain_sentence() -> None:
 
 # --- the page in a browser --------------------------------------------------------------------------
 
-def browser_or_skip() -> str:
+@pytest.fixture(scope="session")
+def node() -> str:
+    """The Node.js that drives Chromium; skips (before the server starts) where there is no browser."""
     if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (`make browser` installs Debian's chromium; IMGCLF_CHROMIUM names another)")
+        pytest.skip(f"no Chromium at {CHROMIUM} (`make browser` installs Debian's chromium; "
+                    "IMGCLF_CHROMIUM names another)")
     node = shutil.which("node")
     if node is None:
         pytest.skip("Node.js is absent: the browser test drives Chromium with playwright-core (`make browser`)")
@@ -116,9 +126,8 @@ def check_prediction(shown: dict, answer: dict, card: dict) -> None:
     assert f"{100 * card['metrics']['test_accuracy']:.1f}%" in shown["card"] and card["version"] in shown["card"]
 
 
-def test_page_classifies_uploads_in_chromium(server: Server, cifar_folder: Path, catsdogs_folder: Path,
-                                            tmp_path: Path) -> None:
-    node = browser_or_skip()
+def test_page_classifies_uploads_in_chromium(node: str, server: Server, cifar_folder: Path,
+                                            catsdogs_folder: Path, tmp_path: Path) -> None:
     models = httpx.get(f"{server.url}/models").json()["models"]
     cifar, cifar_answer = first_correct(server, sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[:10],
                                         "cifar10", "ship")
@@ -155,6 +164,7 @@ def test_page_classifies_uploads_in_chromium(server: Server, cifar_folder: Path,
         assert status == 200 and second["gradcam_shown"] and second["gradcam_width"] > 0
 
     assert third["failed"] and third["bars"] == [] and third["label"] == ""
-    assert third["error"] == "This file is not an image the service can read. Send a JPEG, PNG, GIF, WebP, TIFF or BMP file."
+    assert third["error"] == ("This file is not an image the service can read. "
+                              "Send a JPEG, PNG, GIF, WebP, TIFF or BMP file.")
     assert third["error_code"].startswith("not_an_image")
     assert screenshot.stat().st_size > 10_000
