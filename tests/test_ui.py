@@ -2,11 +2,11 @@
 
 The browser test starts the real server (fixture ``server``), opens ``/ui`` in Debian's Chromium
 driven by ``playwright-core`` (``tests/ui_driver.mjs``; no browser download), classifies a real
-CIFAR-10 image with the cifar10 model (file picker) and a real cat photo with the catsdogs model
-(drag-and-drop), then a text file, and checks what the page drew against what the API answers for
-the same files. It skips, saying why, where no browser can be had (``make browser`` installs one).
+CIFAR-10 image with the cifar10 model and a text file (file picker, both at once) and a real cat
+photo with the catsdogs model (drag-and-drop), and checks what the page drew against what the API
+answers for the same files. It skips, saying why, where no browser can be had (``make browser`` installs one).
 
-Screenshot: the page after the three uploads is saved in the test's tmp folder, and also to the
+Screenshot: the page after the uploads is saved in the test's tmp folder, and also to the
 path in ``IMGCLF_UI_SCREENSHOT`` when set (docs/ui.png was made with
 ``IMGCLF_UI_SCREENSHOT=docs/ui.png .venv/bin/python -m pytest tests/test_ui.py``).
 """
@@ -109,7 +109,7 @@ def explain_status(server: Server, path: Path, model: str) -> int:
                           data={"model": model}, timeout=120).status_code
 
 
-def check_prediction(shown: dict, answer: dict, card: dict) -> None:
+def check_prediction(shown: dict, answer: dict, card: dict, card_text: str) -> None:
     assert not shown["failed"] and shown["error"] is None
     assert shown["label"] == answer["label"]
     assert shown["model"] == card["name"] and card["version"] in shown["meta"]
@@ -123,7 +123,8 @@ def check_prediction(shown: dict, answer: dict, card: dict) -> None:
         assert abs(bar["share"] - row["probability"]) < 0.01, (bar, row)  # the drawn width
     shares = [bar["share"] for bar in bars]
     assert shares == sorted(shares, reverse=True)
-    assert f"{100 * card['metrics']['test_accuracy']:.1f}%" in shown["card"] and card["version"] in shown["card"]
+    # the selector's card line, as it read when this model was picked
+    assert f"{100 * card['metrics']['test_accuracy']:.1f}%" in card_text and card["version"] in card_text
 
 
 def test_page_classifies_uploads_in_chromium(node: str, server: Server, cifar_folder: Path,
@@ -137,9 +138,8 @@ def test_page_classifies_uploads_in_chromium(node: str, server: Server, cifar_fo
     text.write_text("these are notes, not a photo\n")
     screenshot = tmp_path / "ui.png"
     plan = {"url": server.url, "chromium": str(CHROMIUM), "screenshot": str(screenshot), "steps": [
-        {"model": "cifar10", "file": str(cifar)},
-        {"model": "catsdogs", "file": str(cat), "drop": True},
-        {"model": "catsdogs", "file": str(text)},
+        {"model": "cifar10", "files": [str(cifar), str(text)]},  # the file picker, two files at once
+        {"model": "catsdogs", "files": [str(cat)], "drop": True},  # drag-and-drop
     ]}
     run = subprocess.run([node, str(DRIVER), json.dumps(plan)], cwd=REPO, capture_output=True, text=True,
                          timeout=600)
@@ -151,20 +151,21 @@ def test_page_classifies_uploads_in_chromium(node: str, server: Server, cifar_fo
     assert seen["status"] == 200 and seen["final_url"].endswith("/ui/")
     assert seen["console_errors"] == []
     assert seen["models"] == sorted(models)
-    first, second, third = seen["steps"]
-    assert first["name"] == cifar.name and second["name"] == cat.name
-    check_prediction(first, cifar_answer, models["cifar10"])
-    check_prediction(second, cat_answer, models["catsdogs"])
+    assert [row["name"] for row in seen["results"]] == [cat.name, text.name, cifar.name]  # newest first
+    shown_cat, shown_text, shown_ship = seen["results"]
+    assert [shown_ship["model"], shown_text["model"], shown_cat["model"]] == ["cifar10", "cifar10", "catsdogs"]
+    check_prediction(shown_ship, cifar_answer, models["cifar10"], seen["cards"][0])
+    check_prediction(shown_cat, cat_answer, models["catsdogs"], seen["cards"][1])
 
     # /explain is feature-detected: the overlay is shown where the endpoint answers, hidden where not
     status = explain_status(server, cat, "catsdogs")
     if status in (404, 405):
-        assert not first["gradcam_shown"] and not second["gradcam_shown"]
+        assert not shown_ship["gradcam_shown"] and not shown_cat["gradcam_shown"]
     else:
-        assert status == 200 and second["gradcam_shown"] and second["gradcam_width"] > 0
+        assert status == 200 and shown_cat["gradcam_shown"] and shown_cat["gradcam_width"] > 0
 
-    assert third["failed"] and third["bars"] == [] and third["label"] == ""
-    assert third["error"] == ("This file is not an image the service can read. "
-                              "Send a JPEG, PNG, GIF, WebP, TIFF or BMP file.")
-    assert third["error_code"].startswith("not_an_image")
+    assert shown_text["failed"] and shown_text["bars"] == [] and shown_text["label"] == ""
+    assert shown_text["error"] == ("This file is not an image the service can read. "
+                                   "Send a JPEG, PNG, GIF, WebP, TIFF or BMP file.")
+    assert shown_text["error_code"].startswith("not_an_image")
     assert screenshot.stat().st_size > 10_000

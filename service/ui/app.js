@@ -116,6 +116,9 @@ function newResult(file, model) {
   const preview = node.querySelector(".preview img");
   const url = URL.createObjectURL(file);
   preview.src = url;
+  preview.addEventListener("load", () => { // a tiny image (CIFAR-10: 32x32) is shown as its pixels
+    if (preview.naturalWidth < 80) preview.classList.add("small");
+  });
   preview.addEventListener("error", () => {
     preview.replaceWith(Object.assign(document.createElement("div"), { className: "no-preview", textContent: "no preview" }));
   });
