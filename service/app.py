@@ -8,6 +8,8 @@
   ``{"error", "detail"}`` (:mod:`service.schemas` lists them all).
 * the images go to the worker's :class:`~service.engine.Batcher`; a request whose client hangs up
   while it waits is dropped before it runs.
+* ``POST /explain``: the same upload, parsing, decoding and 4xx answers as ``/classify``, answered
+  with a Grad-CAM PNG (:class:`~service.engine.Explainer`, one at a time per worker, in a thread).
 * ``GET /models``, ``/models/{name}``: the served cards; ``/openapi.json`` and ``/docs``.
 
 BentoML serves the rest (``/livez``, ``/readyz``, ``/metrics``) and runs the workers. The app is
@@ -34,7 +36,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from service.config import Settings
-from service.engine import Batcher, Overloaded
+from service.engine import Batcher, Explainer, NotExplainable, Overloaded
 from service.logs import request_id
 from service.preprocess import ImageError
 from service.ui import ui_routes
@@ -71,6 +73,7 @@ class Api:
     on_reject: Callable[[str], None]
     on_answer: Callable[[str, int], None]
     openapi: bytes
+    explainer: Explainer | None = None  # None: /explain answers 501 not_explainable
 
     def check(self, model: str, top_k: int) -> dict[str, Any]:
         if model not in self.cards:
@@ -200,8 +203,12 @@ async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Set
     return form
 
 
+def form_model(form: Form, api: Api) -> str:
+    return form.fields.get("model") or api.default_model
+
+
 def form_options(form: Form, api: Api) -> tuple[str, int]:
-    model = form.fields.get("model") or api.default_model
+    model = form_model(form, api)
     raw_k = form.fields.get("top_k", "5")
     try:
         top_k = int(raw_k)
@@ -225,6 +232,32 @@ def pick_files(form: Form, field: str, other: str) -> list[bytes]:
     return files
 
 
+def one_file(form: Form, path: str) -> bytes:
+    """The single upload in ``image`` (``/classify``, ``/explain``)."""
+    files = pick_files(form, "image", "images")
+    if len(files) > 1:
+        raise Rejected(400, "invalid_request", f"{path} takes one file in 'image'; use /classify_batch")
+    return files[0]
+
+
+def image_rejection(error: ImageError) -> Rejected:
+    """An upload that could not be decoded, as the HTTP answer (413 for a too-large image)."""
+    return Rejected(413 if error.error == "image_too_large" else 400, error.error, error.detail)
+
+
+def class_index(card: dict[str, Any], raw: str | None) -> int | None:
+    """The ``class`` field: a class name of the card or its index; None (absent or empty): the top class."""
+    if raw is None or raw.strip() == "":
+        return None
+    classes = card["classes"]
+    if raw in classes:
+        return classes.index(raw)
+    if raw.strip().isdigit() and int(raw) < len(classes):
+        return int(raw)
+    raise Rejected(400, "invalid_class", f"class {raw[:40]!r} is neither a class of {card['name']} nor an "
+                                         f"index 0..{len(classes) - 1}; classes: {', '.join(classes)}")
+
+
 # --- answers --------------------------------------------------------------------------------------
 
 def prediction(card: dict[str, Any], probabilities: np.ndarray, top_k: int) -> dict[str, Any]:
@@ -245,8 +278,8 @@ def json_bytes(payload: Any) -> bytes:
 
 
 async def send_json(send: Send, status: int, body: bytes, rid: str,
-                    extra: dict[str, str] | None = None) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    extra: dict[str, str] | None = None, content_type: bytes = b"application/json") -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
                (b"x-request-id", rid.encode("latin-1"))]
     headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -307,7 +340,10 @@ class Endpoint:
             form = await read_form(receive, headers, api.settings)
             body = await self.answer(api, form, receive)
             api.on_answer(self.path, 200)
-            await send_json(send, 200, json_bytes(body), rid)
+            if isinstance(body, bytes):  # /explain: a PNG
+                await send_json(send, 200, body, rid, content_type=b"image/png")
+            else:
+                await send_json(send, 200, json_bytes(body), rid)
         except Rejected as exc:
             if api is not None:
                 api.on_reject(exc.error)
@@ -343,15 +379,36 @@ class Classify(Endpoint):
     path = "/classify"
 
     async def answer(self, api: Api, form: Form, receive: Receive) -> Any:
-        files = pick_files(form, "image", "images")
-        if len(files) > 1:
-            raise Rejected(400, "invalid_request", "/classify takes one file in 'image'; use /classify_batch")
+        data = one_file(form, self.path)
         model, top_k = form_options(form, api)
         card = api.check(model, top_k)
-        (row,) = await self.infer(api, model, card, files, receive)
+        (row,) = await self.infer(api, model, card, [data], receive)
         if isinstance(row, ImageError):
-            raise Rejected(413 if row.error == "image_too_large" else 400, row.error, row.detail)
+            raise image_rejection(row)
         return prediction(card, row, top_k)
+
+
+class Explain(Endpoint):
+    """``POST /explain``: the upload of ``/classify``, answered with a Grad-CAM PNG."""
+
+    path = "/explain"
+
+    async def answer(self, api: Api, form: Form, receive: Receive) -> Any:
+        data = one_file(form, self.path)
+        model = form_model(form, api)
+        card = api.check(model, 1)
+        index = class_index(card, form.fields.get("class"))
+        if api.explainer is None:
+            raise Rejected(501, "not_explainable", "explanations are not available in this server")
+        try:
+            png = await api.explainer(model, data, index)
+        except Overloaded as exc:
+            raise Rejected(503, "overloaded", exc.detail, {"Retry-After": str(exc.retry_after_s)}) from None
+        except NotExplainable as exc:
+            raise Rejected(501, "not_explainable", f"model {model!r} cannot be explained: {exc}") from None
+        if isinstance(png, ImageError):
+            raise image_rejection(png)
+        return png
 
 
 class ClassifyBatch(Endpoint):
@@ -417,6 +474,7 @@ def build_app(holder: ApiHolder) -> Starlette:
     return Starlette(routes=[
         Route("/classify", Classify(holder)),  # ASGI endpoints: they answer 405 themselves, in JSON
         Route("/classify_batch", ClassifyBatch(holder)),
+        Route("/explain", Explain(holder)),
         Route("/models", list_models, methods=["GET"]),
         Route("/models/", list_models, methods=["GET"]),
         Route("/models/{name}", one_model, methods=["GET"]),

@@ -26,12 +26,13 @@ import math
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import numpy as np
 
-from service.preprocess import ImageError, decode_or_error
-from service.registry import LoadedModel
+from service.preprocess import ImageError, InputSpec, decode_or_error
+from service.registry import LoadedModel, RegistryError, verify_artifact
 
 
 class Overloaded(Exception):
@@ -243,3 +244,62 @@ class Batcher:
             else:
                 job.future.set_result(row)
         self._start(asyncio.get_running_loop())
+
+
+class NotExplainable(Exception):
+    """The model's registry entry has nothing Grad-CAM can run (:class:`service.explain.ExplainError`)."""
+
+
+class Explainer:
+    """Grad-CAM for ``POST /explain`` (:mod:`service.explain`), in the API worker on the CPU.
+
+    Each model's Grad-CAM network is loaded by :func:`service.explain.load_explainable` from its
+    registry entry (given the TorchScript file, hash checked against the card) the first time it
+    is asked for, once per worker. One explanation runs at a time per
+    worker, in a thread (the event loop keeps serving); at most ``max_waiting`` more wait for their
+    turn, and past that a request is refused with :class:`Overloaded`.
+    """
+
+    def __init__(self, models_dir: Path, cards: dict[str, dict[str, Any]], max_pixels: int,
+                 max_waiting: int = 4) -> None:
+        self.models_dir = models_dir
+        self.cards = cards
+        self.max_pixels = max_pixels
+        self.max_waiting = max_waiting
+        self.nets: dict[str, Any] = {}  # model name -> torch.nn.Module, loaded on first use
+        self.turn = asyncio.Lock()
+        self.waiting = 0  # requests queued for or holding the turn
+
+    def network(self, model: str) -> Any:
+        if model not in self.nets:
+            from service.explain import load_explainable
+
+            folder = self.models_dir / model
+            self.nets[model] = load_explainable(verify_artifact(folder, self.cards[model], "torchscript"))
+        return self.nets[model]
+
+    def explain(self, model: str, data: bytes, class_index: int | None) -> bytes | ImageError:
+        """Decode as ``/classify`` does (the card's size, the pixel limit), then the Grad-CAM PNG."""
+        from service.explain import ExplainError, gradcam_png
+
+        card = self.cards[model]
+        pixels = decode_or_error(data, card["input"]["size"], self.max_pixels)
+        if isinstance(pixels, ImageError):
+            return pixels
+        try:
+            return gradcam_png(self.network(model), pixels, InputSpec.from_card(card), class_index)
+        except RegistryError as exc:
+            raise NotExplainable(str(exc)) from None
+        except ExplainError as exc:
+            raise NotExplainable(exc.detail) from None
+
+    async def __call__(self, model: str, data: bytes, class_index: int | None) -> bytes | ImageError:
+        if self.waiting > self.max_waiting:
+            raise Overloaded(f"{self.waiting} explanations are running or waiting in this worker "
+                             f"(one runs at a time)", max(1, self.waiting))
+        self.waiting += 1
+        try:
+            async with self.turn:
+                return await asyncio.to_thread(self.explain, model, data, class_index)
+        finally:
+            self.waiting -= 1

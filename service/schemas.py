@@ -72,9 +72,21 @@ CLASSIFY_ERRORS: dict[int, tuple[str, list[str]]] = {
 }
 
 
-def _error_responses(skip: set[str]) -> dict[str, Any]:
+# what /explain answers besides the classify errors (it reads no top_k and takes one file)
+EXPLAIN_ERRORS: dict[int, tuple[str, list[str]]] = {
+    400: ("bad request (`invalid_class`: `class` is neither a class name of the model nor an index)",
+          ["invalid_class"]),
+    501: ("the model cannot be explained: its registry entry has nothing Grad-CAM can run",
+          ["not_explainable"]),
+}
+
+
+def _error_responses(skip: set[str], extra: dict[int, tuple[str, list[str]]] | None = None) -> dict[str, Any]:
     out = {}
-    for status, (text, codes) in CLASSIFY_ERRORS.items():
+    table = dict(CLASSIFY_ERRORS)
+    for status, (text, codes) in (extra or {}).items():
+        table[status] = (text, table[status][1] + codes) if status in table else (text, codes)
+    for status, (text, codes) in sorted(table.items()):
         codes = [c for c in codes if c not in skip]
         response: dict[str, Any] = {
             "description": f"{text}; `error` is one of: {', '.join(codes)}",
@@ -117,6 +129,11 @@ def openapi_document(models: list[str], default_model: str, version: str = "1") 
         return {"description": "OK", "content": {"application/json": {
             "schema": {"$ref": f"#/components/schemas/{name}"}}}}
 
+    explain_form = _form("image", False, models, default_model)
+    explain_fields = explain_form["content"]["multipart/form-data"]["schema"]["properties"]
+    del explain_fields["top_k"]
+    explain_fields["class"] = {"type": "string", "description": "the class to explain: a class name of the "
+                               "model or its index (default: the most probable class)"}
     error_404 = {"description": "the model is not served", "content": {"application/json": {
         "schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
     return {
@@ -136,6 +153,17 @@ def openapi_document(models: list[str], default_model: str, version: str = "1") 
                 "responses": {"200": ok("BatchPrediction"),
                               **_error_responses({"empty_file", "not_an_image", "corrupt_image",
                                                   "image_too_large"})},
+            }},
+            "/explain": {"post": {
+                "summary": "Grad-CAM: where in the image the evidence for a class lies", "operationId": "explain",
+                "description": "The uploaded image, preprocessed as for /classify (the model's input size), "
+                               "with the Grad-CAM heat of the class drawn over it, as a PNG at the model's "
+                               "input size scaled up by a whole factor to at least 224 px on the short side "
+                               "(cifar10: 224x224, catsdogs: 288x288).",
+                "requestBody": explain_form,
+                "responses": {"200": {"description": "the explanation", "content": {
+                                  "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                              **_error_responses({"too_many_files", "invalid_top_k"}, EXPLAIN_ERRORS)},
             }},
             "/models": {"get": {"summary": "The served models' cards", "operationId": "list_models",
                                 "responses": {"200": ok("ModelList")}}},

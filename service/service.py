@@ -31,7 +31,7 @@ import numpy as np
 
 from service.app import Api, ApiHolder, build_app
 from service.config import Settings, api_workers, bentoml_options
-from service.engine import Batcher, LocalRunner, RemoteRunner, run_models, warm_up
+from service.engine import Batcher, Explainer, LocalRunner, RemoteRunner, run_models, warm_up
 from service.logs import configure_logging
 from service.registry import LoadedModel, RegistryError, cuda_usable, load_cards, load_registry
 from service.schemas import openapi_document
@@ -119,7 +119,7 @@ class InferenceEngine:
     logging={"access": {"enabled": _OPTIONS["access_log"]}},
     # OpenTelemetry spans for every request cost ~12 % of a worker's CPU (profile in
     # docs/SERVING.md); the classify routes are traced only with IMGCLF_TRACING=1.
-    **({} if _OPTIONS["tracing"] else {"tracing": {"excluded_urls": ["/classify", "/classify_batch"]}}),
+    **({} if _OPTIONS["tracing"] else {"tracing": {"excluded_urls": ["/classify", "/classify_batch", "/explain"]}}),
 )
 @bentoml.asgi_app(app, path="/")
 class ImageClassifier:
@@ -156,7 +156,8 @@ class ImageClassifier:
                          on_reject=lambda error: REJECTED.labels(error=error).inc(),
                          on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
                                                                             status=str(status)).inc(),
-                         openapi=_openapi_bytes(cards, default))
+                         openapi=_openapi_bytes(cards, default),
+                         explainer=Explainer(settings.models_dir, cards, settings.max_pixels))
         # Everything loaded so far lives as long as the worker: move it out of the collector's
         # way, so the periodic full collections that requests trigger stay short.
         gc.collect()

@@ -56,6 +56,28 @@ def test_document_declares_fields_and_every_status(spec: dict) -> None:
     assert set(prediction["required"]) == {"model", "version", "label", "probabilities", "top_k"}
 
 
+def test_document_declares_explain(spec: dict) -> None:
+    explain = spec["paths"]["/explain"]["post"]
+    form = explain["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and set(form["properties"]) == {"image", "model", "class"}
+    assert set(explain["responses"]) == {"200", "400", "404", "408", "413", "415", "501", "503"}
+    assert set(explain["responses"]["200"]["content"]) == {"image/png"}
+    assert "invalid_class" in explain["responses"]["400"]["content"]["application/json"]["schema"][
+        "properties"]["error"]["enum"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_every_explain_answer_matches_the_document(server: Server, spec: dict, case: str) -> None:
+    """The hostile-input suite sent to /explain: a declared status and code, or a PNG."""
+    files, data, _, _ = BAD_INPUTS[case]
+    response = post(server, files, data, path="/explain")
+    if response.status_code == 200:  # top_k cases: /explain reads no top_k
+        assert "image/png" in spec["paths"]["/explain"]["post"]["responses"]["200"]["content"]
+        assert response.headers["content-type"] == "image/png"
+    else:
+        check(spec, "/explain", response)
+
+
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_every_rejection_matches_the_document(server: Server, spec: dict, case: str) -> None:
     files, data, _, _ = BAD_INPUTS[case]

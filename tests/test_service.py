@@ -687,6 +687,71 @@ def test_load_generator_runs_against_the_server(server: Server, tmp_path: Path) 
     assert runs["/classify_batch"]["images"] == 4 * runs["/classify_batch"]["requests"]
 
 
+# --- POST /explain ---------------------------------------------------------------------------------
+
+CATSDOGS_CARD = json.loads((SHIPPED_MODELS / "catsdogs" / "card.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cat_photo(catsdogs_folder: Path) -> bytes:
+    """The file bytes of the first cat of the catsdogs model's held-out test split."""
+    from training.data import load_catsdogs, scan_catsdogs
+
+    paths, labels = scan_catsdogs(catsdogs_folder)
+    split = load_catsdogs(catsdogs_folder, size=CATSDOGS_CARD["input"]["size"][0],
+                          seed=CATSDOGS_CARD["training"]["seed"])
+    first_cat = next(int(i) for i in split.indices["test"] if labels[int(i)] == CATSDOGS_CARD["classes"].index("cat"))
+    return paths[first_cat].read_bytes()
+
+
+def explain(server: Server, data: bytes, fields: dict | None = None) -> httpx.Response:
+    return post(server, {"image": ("x.jpg", data, "image/jpeg")}, fields, path="/explain")
+
+
+def png_size(response: httpx.Response) -> tuple[int, int]:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(response.content)) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        return image.size
+
+
+def test_explain_returns_a_png_at_the_cards_size_scaled_to_224(server: Server, cat_photo: bytes) -> None:
+    """The PNG is the model's input (the card's size, what the model saw) scaled up by a whole
+    factor to at least 224 px: 96x96 -> 288x288 for catsdogs, 32x32 -> 224x224 for cifar10; the
+    top class, the same class by name and by index, and another class all answer."""
+    with Image.open(io.BytesIO(cat_photo)) as photo:
+        assert photo.size != (288, 288)  # the answer's size is not the upload's
+    top = explain(server, cat_photo, {"model": "catsdogs"})
+    assert png_size(top) == (288, 288)
+    by_name = explain(server, cat_photo, {"model": "catsdogs", "class": "cat"})
+    by_index = explain(server, cat_photo, {"model": "catsdogs", "class": "0"})
+    assert by_name.content == by_index.content
+    dog = explain(server, cat_photo, {"model": "catsdogs", "class": "dog"})
+    assert png_size(dog) == (288, 288) and dog.content != by_name.content
+    label = post(server, {"image": ("x.jpg", cat_photo)}, {"model": "catsdogs"}).json()["label"]
+    assert top.content == (by_name if label == "cat" else dog).content  # default: the top class
+    assert png_size(explain(server, cat_photo, {"model": "cifar10"})) == (224, 224)
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "empty_file", "truncated_jpeg", "decompression_bomb",
+                                  "no_file", "unknown_model", "two_files_to_classify", "file_in_field_file"])
+def test_explain_rejects_bad_input_as_classify_does(server: Server, case: str) -> None:
+    files, data, status, error = BAD_INPUTS[case]
+    there = post(server, files, data)
+    here = post(server, files, data, path="/explain")
+    assert (here.status_code, here.json()["error"]) == (there.status_code, there.json()["error"]) == (status, error)
+    assert here.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("wrong", ["cow", "2", "-1", "1.0"])
+def test_explain_unknown_class_gets_400(server: Server, wrong: str) -> None:
+    image = encode(Image.new("RGB", (40, 30), (200, 120, 30)))
+    response = post(server, {"image": ("x.png", image)}, {"model": "catsdogs", "class": wrong}, path="/explain")
+    assert response.status_code == 400 and response.json()["error"] == "invalid_class", response.text
+    assert "cat, dog" in response.json()["detail"]
+
+
 # --- start-up, configuration, documentation ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -789,4 +854,4 @@ def test_docs_page_and_openapi_document(server: Server) -> None:
     for asset in re.findall(r'(?:src|href)="(/[^"]+)"', page.text):
         assert httpx.get(server.url + asset).status_code == 200, asset
     spec = httpx.get(server.url + "/openapi.json").json()
-    assert set(spec["paths"]) == {"/classify", "/classify_batch", "/models", "/models/{name}"}
+    assert set(spec["paths"]) == {"/classify", "/classify_batch", "/explain", "/models", "/models/{name}"}
