@@ -744,6 +744,25 @@ def test_explain_rejects_bad_input_as_classify_does(server: Server, case: str) -
     assert here.headers["content-type"] == "application/json"
 
 
+def test_explainer_runs_one_at_a_time_and_refuses_past_its_waiting_bound() -> None:
+    """Three explanations at once with room for one waiting: the first runs (in a thread), the
+    second waits its turn, the third is refused at once; both accepted ones are real PNGs."""
+    from service.engine import Explainer, Overloaded
+
+    cards = {"cifar10": CIFAR_CARD}
+    explainer = Explainer(SHIPPED_MODELS, cards, max_pixels=1_000_000, max_waiting=1)
+    image = encode(Image.new("RGB", (40, 30), (10, 120, 200)))
+
+    async def scenario() -> list:
+        return await asyncio.gather(*(explainer("cifar10", image, None) for _ in range(3)), return_exceptions=True)
+
+    first, second, third = asyncio.run(scenario())
+    assert isinstance(third, Overloaded) and third.retry_after_s >= 1
+    for png in (first, second):
+        assert Image.open(io.BytesIO(png)).size == (224, 224)
+    assert explainer.waiting == 0 and list(explainer.nets) == ["cifar10"]  # loaded once
+
+
 @pytest.mark.parametrize("wrong", ["cow", "2", "-1", "1.0"])
 def test_explain_unknown_class_gets_400(server: Server, wrong: str) -> None:
     image = encode(Image.new("RGB", (40, 30), (200, 120, 30)))
