@@ -145,7 +145,7 @@ def openapi_document(models: list[str], default_model: str, version: str = "1") 
             "/classify": {"post": {
                 "summary": "Classify one image", "operationId": "classify",
                 "requestBody": _form("image", False, models, default_model),
-                "responses": {"200": ok("Prediction"), **_error_responses({"too_many_files"})},
+                "responses": {"200": ok("Prediction"), **_error_responses(set())},
             }},
             "/classify_batch": {"post": {
                 "summary": "Classify several images (results keep upload order)", "operationId": "classify_batch",
@@ -163,7 +163,7 @@ def openapi_document(models: list[str], default_model: str, version: str = "1") 
                 "requestBody": explain_form,
                 "responses": {"200": {"description": "the explanation", "content": {
                                   "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-                              **_error_responses({"too_many_files", "invalid_top_k"}, EXPLAIN_ERRORS)},
+                              **_error_responses({"invalid_top_k"}, EXPLAIN_ERRORS)},
             }},
             "/models": {"get": {"summary": "The served models' cards", "operationId": "list_models",
                                 "responses": {"200": ok("ModelList")}}},

@@ -96,3 +96,8 @@ def test_successes_match_the_document(server: Server, spec: dict) -> None:
     check(spec, "/models/{name}", missing, "get")
     unsupported = httpx.post(server.url + "/classify", content=b"{}", headers={"Content-Type": "application/json"})
     check(spec, "/classify", unsupported)
+    tiny = encode(Image.new("RGB", (2, 2)))
+    for path in ("/classify", "/explain"):  # more files than IMGCLF_MAX_FILES (64) in one request
+        too_many = post(server, [("image", (f"{i}.png", tiny)) for i in range(65)], path=path)
+        assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_files"
+        check(spec, path, too_many)
