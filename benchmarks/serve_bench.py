@@ -197,11 +197,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(env: dict[str, str], timeout_s: float = 300) -> tuple[subprocess.Popen, str] | None:
+def start_server(env: dict[str, str], timeout_s: float = 300,
+                 log_prefix: str = "serve_bench") -> tuple[subprocess.Popen, str, Path] | None:
+    """``python -m service.serve`` on a free loopback port: (process, url, log path), or None when it
+    did not become ready (the benchmarks in this folder all start their server here)."""
     import httpx
 
     port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"serve_bench-{port}.log", "w")
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{log_prefix}-{port}.log", "w")
     # its own BENTOML_HOME unless one is set: `bentoml serve` wipes $BENTOML_HOME/prometheus_multiproc_dir
     home = os.environ.get("BENTOML_HOME") or tempfile.mkdtemp(prefix="serve_bench-bentoml-")
     proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--port", str(port), "--host", "127.0.0.1"],
@@ -212,7 +215,7 @@ def start_server(env: dict[str, str], timeout_s: float = 300) -> tuple[subproces
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url
+                return proc, url, Path(log.name)
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -275,7 +278,7 @@ def main() -> int:
                 if started is None:
                     status = 2
                     continue
-                proc, url = started
+                proc, url, _ = started
                 pid = proc.pid
             try:
                 for path in args.paths:

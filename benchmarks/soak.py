@@ -28,20 +28,21 @@ import io
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_bench import BOUNDARY, multipart_body, stop_server  # noqa: E402  (one server starter, one encoder)
+from serve_bench import start_server as start_bench_server  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_ARCHIVE = Path(os.environ.get("IMGCLF_DATASETS", REPO.parent / "shared" / "datasets")) / "cifar10-jpeg.tar.gz"
-BOUNDARY = "soakb0undary7MA4YWxkTrZu0gW"
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -76,12 +77,7 @@ def soak_jpeg() -> bytes:
 
 
 def multipart(files: list[tuple[str, bytes]], fields: dict[str, str]) -> bytes:
-    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-             for k, v in fields.items()]
-    for field, data in files:
-        parts.append(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{field}"; filename="x"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
+    return multipart_body(files, fields)
 
 
 HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
@@ -89,44 +85,12 @@ HEADERS = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 # --- the server ----------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(env: dict[str, str], timeout_s: float = 300) -> tuple[subprocess.Popen, str, Path]:
-    """``python -m service.serve`` on a free loopback port; returns (process, url, log path)."""
-    import httpx
-
-    port = free_port()
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"imgclf-soak-{port}.log"
-    home = tempfile.mkdtemp(prefix="imgclf-soak-bentoml-")  # `bentoml serve` wipes its prometheus dir
-    proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--port", str(port), "--host", "127.0.0.1"],
-                            cwd=REPO, env={**os.environ, "BENTOML_HOME": home, **env}, stdout=open(log_path, "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url, log_path
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    stop_server(proc)
-    print(f"server did not start; see {log_path}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+    """``python -m service.serve`` on a free loopback port (serve_bench's): (process, url, log path)."""
+    started = start_bench_server(env, timeout_s, log_prefix="imgclf-soak")
+    if started is None:
+        raise SystemExit(2)
+    return started
 
 
 def tree_rss(pid: int) -> dict[int, int]:

@@ -40,7 +40,7 @@ from torch import nn
 from service.explain import central_share, colormap, gradcam
 from training.cam import CamGraph, feature_stages, rebuild_from_registry
 from service.preprocess import InputSpec, normalize
-from training.calibration import (ECE_BINS, calibration_summary, fit_temperature, logits_from_probabilities,
+from training.calibration import (ECE_BINS, calibration_summary, logits_from_probabilities,
                                   reliability, softmax)
 from training.data import Dataset, ImageSet, batches, seeded_permutation
 
