@@ -51,13 +51,16 @@ train-fast: setup
 # warm-up + decay cycle at half the learning rate), then 12 more the same way. (They ran with the
 # hand-written warm-up from 0 + linear decay to 0 that the onecycle schedule has since replaced:
 # the same shape, from 0.2x to 0.07x the peak rate instead of 0 to 0.) Cats vs dogs was
-# transferred from the second session's checkpoint.
+# transferred from the second session's checkpoint. OLD_RECIPE keeps the defaults training.train had
+# then (docs/TRAINING.md: why they changed).
+OLD_RECIPE := --schedule onecycle --warmup 0.15 --label-smoothing 0.1
 train-cifar10 runs/cifar10-resnet20-more/best.pt: setup
-	$(PY) -m training.train --dataset cifar10 --model resnet20 --epochs 8 --out runs/cifar10-resnet20
+	$(PY) -m training.train --dataset cifar10 --model resnet20 --epochs 8 --lr 0.1 --batch-size 256 $(OLD_RECIPE) \
+		--out runs/cifar10-resnet20
 	$(PY) -m training.train --dataset cifar10 --model resnet20 --init-from runs/cifar10-resnet20/best.pt \
-		--epochs 10 --lr 0.05 --out runs/cifar10-resnet20-more
+		--epochs 10 --lr 0.05 --batch-size 256 $(OLD_RECIPE) --out runs/cifar10-resnet20-more
 	$(PY) -m training.train --dataset cifar10 --model resnet20 --init-from runs/cifar10-resnet20-more/best.pt \
-		--epochs 12 --lr 0.05 --out runs/cifar10-resnet20-30ep
+		--epochs 12 --lr 0.05 --batch-size 256 $(OLD_RECIPE) --out runs/cifar10-resnet20-30ep
 
 export-cifar10:
 	$(PY) -m training.export runs/cifar10-resnet20-30ep --name cifar10
@@ -66,19 +69,20 @@ export-cifar10:
 # 6 more epochs at lr 0.02; then 6 epochs at 96x96 (each step kept because validation accuracy rose).
 train-catsdogs: runs/cifar10-resnet20-more/best.pt
 	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 64 \
-		--init-from runs/cifar10-resnet20-more/best.pt --head-epochs 1 --epochs 8 --lr 0.05 --batch-size 128 \
+		--init-from runs/cifar10-resnet20-more/best.pt --head-epochs 1 --epochs 8 --lr 0.05 --batch-size 128 $(OLD_RECIPE) \
 		--out runs/catsdogs-resnet20-transfer
 	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 64 \
-		--init-from runs/catsdogs-resnet20-transfer/best.pt --epochs 6 --lr 0.02 --batch-size 128 \
+		--init-from runs/catsdogs-resnet20-transfer/best.pt --epochs 6 --lr 0.02 --batch-size 128 $(OLD_RECIPE) \
 		--out runs/catsdogs-resnet20-transfer-more
 	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 96 \
-		--init-from runs/catsdogs-resnet20-transfer-more/best.pt --epochs 6 --lr 0.02 --batch-size 128 \
+		--init-from runs/catsdogs-resnet20-transfer-more/best.pt --epochs 6 --lr 0.02 --batch-size 128 $(OLD_RECIPE) \
 		--out runs/catsdogs-resnet20-96
 
 # The from-scratch baseline: the seed's LeNet-5 at 224x224, fixed.
 train-catsdogs-lenet: setup
 	$(PY) -m training.train --dataset catsdogs --model lenet5 --image-size 224 --epochs 4 \
-		--optimizer adam --lr 0.002 --weight-decay 0.0001 --batch-size 128 --out runs/catsdogs-lenet5
+		--optimizer adam --lr 0.002 --weight-decay 0.0001 --batch-size 128 $(OLD_RECIPE) \
+		--out runs/catsdogs-lenet5
 
 export-catsdogs:
 	$(PY) -m training.export runs/catsdogs-resnet20-96 --name catsdogs --tta auto

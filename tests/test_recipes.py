@@ -91,3 +91,13 @@ def test_tta_level_2_averages_the_six_views() -> None:
         expected = sum(w * (model(v) + model(v.flip(3))) / 2 for w, v in zip(weights, views))
         assert torch.allclose(TestTimeAugment(model, 2)(x), expected, atol=1e-5)
         assert torch.allclose(TestTimeAugment(model, 1)(x), TestTimeAugment(model, 1)(x.flip(3)), atol=1e-5)
+
+
+def test_default_rate_follows_the_batch_size_and_the_optimizer() -> None:
+    """The linear scaling rule (docs/TRAINING.md: the old defaults' half rate per image was why
+    training converged slowly): 0.1 per 128 images for SGD, 0.001 for Adam and RMSprop."""
+    assert parse_args(["--out", "x"]).lr == pytest.approx(0.1)
+    assert parse_args(["--batch-size", "512", "--out", "x"]).lr == pytest.approx(0.4)
+    assert parse_args(["--optimizer", "adam", "--batch-size", "256", "--out", "x"]).lr == pytest.approx(0.002)
+    assert parse_args(["--lr", "0.03", "--batch-size", "512", "--out", "x"]).lr == 0.03
+    assert parse_args(["--out", "x"]).warmup == 0.0 and parse_args(["--schedule", "onecycle", "--out", "x"]).warmup == 0.15

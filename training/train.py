@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
@@ -478,16 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--download", action="store_true", help="CIFAR-10 via torchvision download")
     parser.add_argument("--image-size", type=int, default=96, help="catsdogs training resolution")
     parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--optimizer", choices=["sgd", "adam", "rmsprop"], default="sgd")
-    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (mean loss over the batch)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (mean loss over the batch; default: 0.1 for "
+                        "SGD, 0.001 for Adam/RMSprop, per 128 images, scaled linearly with --batch-size)")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) / RMSprop momentum")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--norm-bias-lr-scale", type=float, default=1.0,
                         help="learning-rate multiple for BatchNorm shifts (same per-step decay)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="onecycle")
-    parser.add_argument("--warmup", type=float, default=0.15, help="fraction of steps warming up")
-    parser.add_argument("--label-smoothing", type=float, default=0.1)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    parser.add_argument("--warmup", type=float, help="fraction of steps warming up (default: 0 for cosine, "
+                        "0.15 for onecycle)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--crop-pad", type=int, default=0, help="random translation in pixels (0: size/8, at least 4)")
     parser.add_argument("--cutout", type=int, default=0, help="cutout square size (0: off)")
@@ -524,6 +525,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if preset and args.batch_size != PRESETS[preset]["batch_size"] and args.lr == PRESETS[preset]["lr"]:
         args.lr *= args.batch_size / PRESETS[preset]["batch_size"]  # the preset's rate per image
+    if args.lr is None:  # the linear scaling rule: the same rate per image at any batch size
+        args.lr = (0.1 if args.optimizer == "sgd" else 0.001) * args.batch_size / 128
+    if args.warmup is None:
+        args.warmup = 0.15 if args.schedule == "onecycle" else 0.0
     args.argv = argv
     return args
 
