@@ -8,9 +8,9 @@ The heat is the ReLU of the last convolutional stage's activations weighted by t
 of the class's logit over each channel, upsampled to the image and drawn over it (Pillow only).
 
 A TorchScript file takes no hooks and the service imports nothing from ``training/``, so export
-writes a second TorchScript graph per model, ``model.cam.pt`` (the card's ``gradcam`` artifact,
-sha256-checked like the others; :mod:`training.cam`), that returns ``(logits, last feature map)``.
-Here it runs with gradients on, and the class logit is differentiated with respect to that map.
+traces the registry's TorchScript artifact with a second method beside ``forward``: ``cam``, which
+returns ``(logits, last stage's feature map)`` with the same weights (:mod:`training.cam`). Here it
+runs with gradients on, and the class logit is differentiated with respect to that map.
 
 Input checking is the caller's job (the HTTP layer decodes uploads with the card's input spec);
 what still fails here raises :class:`ExplainError` (a ``ValueError`` with ``error``/``detail``).
@@ -32,7 +32,6 @@ from service.preprocess import InputSpec, normalize
 from service.registry import RegistryError, verify_artifact
 
 MIN_PNG_SIDE = 224  # small inputs (CIFAR's 32x32) are drawn larger
-CAM_ARTIFACT = "gradcam"
 
 
 class ExplainError(ValueError):
@@ -45,22 +44,25 @@ class ExplainError(ValueError):
 
 
 def load_explainable(source: str | Path | nn.Module) -> nn.Module:
-    """The Grad-CAM graph of a registry entry: ``source`` is its folder or any file in it (its
-    ``card.json`` lists the ``gradcam`` artifact, whose sha256 is checked), or a module that already
-    returns ``(logits, feature map)``."""
+    """A module with a ``cam`` method (logits, feature map): a registry entry's TorchScript artifact
+    (``source`` is its folder or any file in it; its card's sha256 is checked), or a module given."""
     if isinstance(source, nn.Module):
-        return source.eval()
-    path = Path(source)
-    folder = path if path.is_dir() else path.parent
-    try:
-        card = json.loads((folder / "card.json").read_text())
-        cam_path = verify_artifact(folder, card, CAM_ARTIFACT)
-    except (OSError, ValueError, KeyError, RegistryError) as exc:
-        raise ExplainError("not_explainable", f"no Grad-CAM graph for {folder}: {exc} (export writes one; for an "
-                           "older registry entry run: python -m training.cam " + str(folder) + ")") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(cam_path), map_location="cpu").eval()
+        module = source
+    else:
+        path = Path(source)
+        folder = path if path.is_dir() else path.parent
+        try:
+            card = json.loads((folder / "card.json").read_text())
+            ts_path = verify_artifact(folder, card, "torchscript")
+        except (OSError, ValueError, KeyError, RegistryError) as exc:
+            raise ExplainError("not_explainable", f"cannot load the TorchScript graph of {folder}: {exc}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(ts_path), map_location="cpu")
+    if not hasattr(module, "cam"):
+        raise ExplainError("not_explainable", "this graph has no Grad-CAM method: re-export the model, or run "
+                           "python -m training.cam MODEL_DIR for an older registry entry")
+    return module.eval()
 
 
 # --- Grad-CAM ----------------------------------------------------------------------------------
@@ -69,7 +71,7 @@ def load_explainable(source: str | Path | nn.Module) -> nn.Module:
 def gradcam(net: nn.Module, image_uint8: np.ndarray, spec: InputSpec,
             class_index: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
     """(heat (H, W) in [0, 1] at the image's size, the explained class, the class probabilities)
-    for one (3, H, W) uint8 image preprocessed as ``spec`` says. ``net`` is a Grad-CAM graph
+    for one (3, H, W) uint8 image preprocessed as ``spec`` says. ``net`` has a ``cam`` method
     (:func:`load_explainable`); nothing is shared between calls, so threads may call at once."""
     image_uint8 = np.asarray(image_uint8)
     if image_uint8.ndim != 3 or image_uint8.shape[0] != 3 or image_uint8.dtype != np.uint8:
@@ -77,11 +79,9 @@ def gradcam(net: nn.Module, image_uint8: np.ndarray, spec: InputSpec,
                            f"{image_uint8.dtype}")
     with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller runs in
         x = torch.from_numpy(normalize(image_uint8[None], spec)).requires_grad_(True)
-        output = net.eval()(x)
-        if not (isinstance(output, (tuple, list)) and len(output) == 2):
-            raise ExplainError("not_explainable", "this graph returns no feature map: pass the registry entry's "
-                               "Grad-CAM graph (load_explainable), not its serving graph")
-        logits, activation = output
+        if not hasattr(net, "cam"):
+            raise ExplainError("not_explainable", "this graph has no Grad-CAM method (see load_explainable)")
+        logits, activation = net.eval().cam(x)
         n_classes = logits.shape[1]
         if class_index is None:
             class_index = int(logits[0].argmax())

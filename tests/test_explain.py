@@ -39,27 +39,27 @@ def photos(card: dict, catsdogs_folder: Path):
     return test.subset(seeded_permutation(len(test), 0)[:PHOTOS])
 
 
-def test_gradcam_graph_computes_the_shipped_graph(net: torch.nn.Module, card: dict) -> None:
-    """The registry's Grad-CAM graph (model.cam.pt) computes the serving graph's network: its logits
-    give the TorchScript file's probabilities, and its feature map is the last stage's (3 x 3 at 96 px)."""
-    scripted = torch.jit.load(str(CATSDOGS / card["artifacts"]["torchscript"]["file"]))
+def test_cam_method_shares_the_serving_graphs_network(net: torch.nn.Module, card: dict) -> None:
+    """The registry's TorchScript file carries Grad-CAM's ``cam`` method beside ``forward``: its
+    logits give the served probabilities, and its feature map is the last stage's (3 x 3 at 96 px)."""
     x = torch.randn(4, 3, *card["input"]["size"])
     with torch.no_grad():
-        logits, features = net(x)
-        assert torch.allclose(logits.softmax(1), scripted(x), atol=1e-5)
+        logits, features = net.cam(x)
+        assert torch.allclose(logits.softmax(1), net(x), atol=1e-5)
     assert features.shape[0] == 4 and features.dim() == 4 and features.shape[-1] < card["input"]["size"][1]
 
 
-def test_a_changed_gradcam_graph_is_refused(tmp_path: Path, card: dict) -> None:
+def test_a_changed_or_missing_graph_is_refused(tmp_path: Path, card: dict) -> None:
     import shutil
 
     folder = tmp_path / "catsdogs"
     shutil.copytree(CATSDOGS, folder)
-    with open(folder / card["artifacts"]["gradcam"]["file"], "ab") as handle:
+    graph = folder / card["artifacts"]["torchscript"]["file"]
+    with open(graph, "ab") as handle:
         handle.write(b"x")
     with pytest.raises(ExplainError, match="not_explainable.*sha256"):
         load_explainable(folder)
-    (folder / card["artifacts"]["gradcam"]["file"]).unlink()
+    graph.unlink()
     with pytest.raises(ExplainError, match="missing"):
         load_explainable(folder)
 
@@ -88,14 +88,14 @@ def test_png_is_the_image_with_heat_for_the_asked_class(net, card, photos) -> No
     assert gradcam_png(CATSDOGS / card["artifacts"]["torchscript"]["file"], image, spec) == png
 
 
-def test_exported_checkpoint_explains_and_small_images_are_drawn_larger(tmp_path: Path) -> None:
-    """A training checkpoint exported with training.cam explains; CIFAR-sized inputs are drawn at 224+ px."""
-    from training.cam import write_cam_graph
+def test_traced_checkpoint_explains_and_small_images_are_drawn_larger(tmp_path: Path) -> None:
+    """A network traced as export does (training.cam) explains; CIFAR-sized inputs are drawn at 224+ px."""
+    from training.cam import trace_explainable
     from training.nets import build_model
 
     model = build_model("resnet20", 10).eval()
-    write_cam_graph(model, torch.zeros(2, 3, 32, 32), tmp_path / "model.cam.pt")
-    graph = torch.jit.load(str(tmp_path / "model.cam.pt"))
+    trace_explainable(model, model, torch.zeros(2, 3, 32, 32)).save(str(tmp_path / "model.pt"))
+    graph = load_explainable(torch.jit.load(str(tmp_path / "model.pt")))
     spec = InputSpec((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     image = np.random.default_rng(0).integers(0, 256, (3, 32, 32), dtype=np.uint8)
     with Image.open(io.BytesIO(gradcam_png(graph, image, spec, class_index=3))) as decoded:
@@ -111,9 +111,11 @@ def test_errors_name_what_is_wrong(net, card) -> None:
     for wrong in (np.zeros((96, 96, 3), np.uint8), np.zeros((3, 96, 96), np.float32)):
         with pytest.raises(ExplainError, match="bad_image"):
             gradcam_png(net, wrong, spec)
-    scripted = torch.jit.load(str(CATSDOGS / card["artifacts"]["torchscript"]["file"]))
+    from training.nets import build_model  # a TorchScript graph traced without the cam method
+
+    plain = torch.jit.trace(build_model("resnet20", 2).eval(), torch.zeros(1, 3, 96, 96))
     with pytest.raises(ExplainError, match="not_explainable"):
-        gradcam_png(scripted, image, spec)
+        gradcam_png(plain, image, spec)
 
 
 def test_central_share() -> None:
@@ -128,12 +130,13 @@ def test_concurrent_and_inference_mode_callers_get_their_own_heat(tmp_path: Path
     """The HTTP layer may call from worker threads, or under torch.inference_mode()."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from training.cam import write_cam_graph
+    from training.cam import trace_explainable
     from training.nets import build_model
 
     torch.manual_seed(0)
-    write_cam_graph(build_model("resnet20", 10), torch.zeros(2, 3, 32, 32), tmp_path / "cam.pt")
-    net = torch.jit.load(str(tmp_path / "cam.pt"))
+    model = build_model("resnet20", 10).eval()
+    trace_explainable(model, model, torch.zeros(2, 3, 32, 32)).save(str(tmp_path / "model.pt"))
+    net = torch.jit.load(str(tmp_path / "model.pt"))
     spec = InputSpec((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     images = np.random.default_rng(1).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
     alone = [gradcam(net, image, spec, class_index=2)[0] for image in images]

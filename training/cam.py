@@ -1,15 +1,16 @@
-"""Grad-CAM graphs for the registry: the service explains predictions without PyTorch model code.
+"""Grad-CAM from the registry's TorchScript file: the service explains without PyTorch model code.
 
-    python -m training.cam models/cifar10 models/catsdogs      # add model.cam.pt to existing entries
+    python -m training.cam models/cifar10 models/catsdogs      # give existing entries the method
 
-A TorchScript file runs a network but takes no hooks, and the service imports nothing from
-``training/``. So export also writes ``model.cam.pt``: the network traced as a :class:`CamGraph`,
-which returns ``(logits, last stage's feature map)``. The service (:mod:`service.explain`) runs it
-with gradients on and differentiates the class logit with respect to the feature map: Grad-CAM
-from the TorchScript file alone. The card lists it as the ``gradcam`` artifact (file, sha256,
-bytes), checked like the others. This module also rebuilds the eager network behind a registry
-entry (its TorchScript weights, the architecture its card names), which the command above and
-:mod:`training.report` (feature maps) need.
+A TorchScript file takes no hooks, and the service imports nothing from ``training/``. So export
+traces the TorchScript artifact with two methods (``torch.jit.trace_module``) that share one copy of
+the weights: ``forward`` (the serving graph: probabilities, exactly as before) and ``cam`` (the
+plain network's logits and its last stage's feature map). The service (:mod:`service.explain`)
+calls ``cam`` with gradients on and differentiates the class logit with respect to the map:
+Grad-CAM from the sha256-checked TorchScript file alone, with no third copy of the weights in
+``models/`` (whose 50 MB budget holds both formats of both models). This module also rebuilds the
+eager network behind a registry entry (its TorchScript weights, the architecture its card names),
+which the command above and :mod:`training.report` (feature maps) need.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import torch
 from torch import nn
 
 from training.data import sha256_file
-from training.nets import build_model
-
-CAM_FILE = "model.cam.pt"
+from training.nets import TestTimeAugment, build_model
 
 
 def strip_to(state: dict[str, torch.Tensor], wanted: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -35,6 +34,7 @@ def strip_to(state: dict[str, torch.Tensor], wanted: Sequence[str]) -> dict[str,
     wanted = set(wanted)
     out = {}
     for key, value in state.items():
+        key = key.removeprefix("serving.")
         while key not in wanted and key.startswith("model."):
             key = key[len("model."):]
         if key in wanted:
@@ -67,36 +67,50 @@ def feature_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
     raise ValueError(f"no convolutional stages known for {type(net).__name__}")
 
 
-class CamGraph(nn.Module):
-    """``net``'s logits and the output of its last convolutional stage, for tracing."""
+class Explainable(nn.Module):
+    """``forward``: the serving graph; ``cam``: ``plain``'s logits and its last stage's output.
+    ``plain`` must be the network inside ``serving`` (the weights are shared, not copied)."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, serving: nn.Module, plain: nn.Module) -> None:
         super().__init__()
-        self.net = net
-        self.stage = feature_stages(net)[-1][1]
+        self.serving = serving
+        object.__setattr__(self, "plain", plain)  # not a second submodule: its weights live in serving
+        object.__setattr__(self, "stage", feature_stages(plain)[-1][1])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.serving(x)
+
+    def cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         captured: list[torch.Tensor] = []
         hook = self.stage.register_forward_hook(lambda module, args, output: captured.append(output))
         try:
-            logits = self.net(x)
+            logits = self.plain(x)
         finally:
             hook.remove()
         return logits, captured[-1]
 
 
-def write_cam_graph(net: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Trace :class:`CamGraph` for ``net`` (eval mode) and save it; check its logits are ``net``'s."""
-    graph = CamGraph(net.eval()).eval()
+def trace_explainable(serving: nn.Module, plain: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """The TorchScript artifact: ``serving`` traced as ``forward`` and Grad-CAM's ``cam`` beside it."""
+    module = Explainable(serving.eval(), plain.eval()).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad():
-            traced = torch.jit.trace(graph, example)
-            expected = net(example)
-            logits, features = traced(example)
-        traced.save(str(path))
-    if not torch.allclose(logits, expected, atol=1e-4) or features.dim() != 4:
-        raise SystemExit(f"Grad-CAM graph check failed for {path}")
+            traced = torch.jit.trace_module(module, {"forward": example, "cam": example})
+            logits, features = traced.cam(example)
+            if not torch.allclose(logits, plain(example), atol=1e-4) or features.dim() != 4:
+                raise SystemExit("the traced Grad-CAM method does not compute the network's logits")
+    return traced
+
+
+def serving_graph(plain: nn.Module, card: dict) -> nn.Module:
+    """What a registry entry's graphs compute, rebuilt from its card: softmax over the (test-time
+    augmented) logits, divided by the calibration temperature when there is one."""
+    from training.export import WithSoftmax  # export imports this module
+
+    level = (card.get("test_time_augmentation") or {}).get("level", 1 if card.get("test_time_augmentation") else 0)
+    temperature = (card.get("calibration") or {}).get("temperature", 1.0)
+    return WithSoftmax(TestTimeAugment(plain, level) if level else plain, temperature).eval()
 
 
 def rebuild_from_registry(folder: Path) -> tuple[nn.Module, dict]:
@@ -110,19 +124,30 @@ def rebuild_from_registry(folder: Path) -> tuple[nn.Module, dict]:
     return net.eval(), card
 
 
-def artifact_entry(path: Path) -> dict:
-    return {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-
-
 def add_to_registry(folder: Path) -> Path:
-    """Write ``folder/model.cam.pt`` for an existing registry entry and list it in its card."""
-    net, card = rebuild_from_registry(folder)
-    path = folder / CAM_FILE
-    write_cam_graph(net, torch.zeros(2, 3, *card["input"]["size"]), path)
-    card["artifacts"]["gradcam"] = artifact_entry(path)
-    tmp = folder / "card.json.tmp"
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    tmp.replace(folder / "card.json")
+    """Re-trace ``folder``'s TorchScript artifact with the ``cam`` method, after checking the rebuilt
+    serving graph computes what the old file does; update the card's sha256 and size."""
+    plain, card = rebuild_from_registry(folder)
+    path = folder / card["artifacts"]["torchscript"]["file"]
+    size = card["input"]["size"]
+    example = torch.rand(4, 3, *size) * 4 - 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = torch.jit.load(str(path), map_location="cpu")
+    serving = serving_graph(plain, card)
+    with torch.no_grad():
+        if not torch.allclose(old(example), serving(example), atol=1e-5):
+            raise SystemExit(f"{folder}: the rebuilt network does not compute the registry's TorchScript graph")
+    traced = trace_explainable(serving, plain, example[:2])
+    tmp = path.with_suffix(".tmp")
+    traced.save(str(tmp))
+    tmp.replace(path)
+    card["artifacts"]["torchscript"].update(sha256=sha256_file(path), bytes=path.stat().st_size)
+    card["artifacts"].pop("gradcam", None)  # an earlier layout kept a separate graph file
+    (folder / "model.cam.pt").unlink(missing_ok=True)
+    tmp_card = folder / "card.json.tmp"
+    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
+    tmp_card.replace(folder / "card.json")
     return path
 
 
@@ -130,7 +155,7 @@ def main(argv: Sequence[str]) -> None:
     if not argv:
         raise SystemExit("usage: python -m training.cam MODEL_DIR [MODEL_DIR ...]")
     for folder in argv:
-        print(f"wrote {add_to_registry(Path(folder))}")
+        print(f"rewrote {add_to_registry(Path(folder))} with a Grad-CAM method")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from torch import nn
 
 from service.preprocess import InputSpec, normalize
 from training.data import REPO_ROOT, Dataset, sha256_file
-from training.cam import CAM_FILE, write_cam_graph
+from training.cam import trace_explainable
 from training.nets import TestTimeAugment, build_model
 from training.train import evaluate, load_dataset
 
@@ -284,10 +284,9 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
         artifacts = {"onnx": staging / ONNX_FILE, "torchscript": staging / TORCHSCRIPT_FILE}
         exportable = onnx_exportable(model, example)
         quiet(export_onnx, exportable, example, artifacts["onnx"])
-        with torch.no_grad():
-            quiet(torch.jit.trace, exportable, example).save(str(artifacts["torchscript"]))
-        artifacts["gradcam"] = staging / CAM_FILE  # for POST /explain (training/cam.py)
-        write_cam_graph(plain, example, artifacts["gradcam"])
+        # TorchScript keeps PyTorch's own pools; beside forward it carries Grad-CAM's `cam` method
+        # (POST /explain; training/cam.py), sharing the weights
+        trace_explainable(model, plain, example).save(str(artifacts["torchscript"]))
         # against the original model, so a replaced pool must match it too
         parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
         card = build_card(name, ckpt, metrics, artifacts, parity, tta, calibration)

@@ -14,7 +14,7 @@ Writes next to the run or model (``--out`` elsewhere), each a PNG:
 * ``report-feature-maps.png``: one test image's feature maps after each stage;
 * ``report-reliability.png``: reliability diagrams with the ECE (15 bins), as the model outputs its
   probabilities and after a temperature fitted on the validation split (:mod:`training.calibration`);
-* ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`, on :class:`training.cam.CamGraph`) for the top class over a seeded
+* ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`, on :class:`training.cam.Explainable`) for the top class over a seeded
   sample of test images, and the share of the heat inside the central box (half of each side) over 50;
 
 and ``report.json`` with the numbers behind them (not into a registry folder, which keeps its card,
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from service.explain import central_share, colormap, gradcam
-from training.cam import CamGraph, feature_stages, rebuild_from_registry
+from training.cam import Explainable, feature_stages, rebuild_from_registry
 from service.preprocess import InputSpec, normalize
 from training.calibration import (ECE_BINS, calibration_summary, logits_from_probabilities,
                                   reliability, softmax)
@@ -350,7 +350,7 @@ def plot_gradcam(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, spe
     class); the first ``shown`` of them drawn."""
     plt = pyplot()
     shares, drawn = [], []
-    cam_graph = CamGraph(net).eval()  # (logits, last feature map), as the exported Grad-CAM graph
+    cam_graph = Explainable(net, net).eval()  # its cam method: what the exported TorchScript's computes
     for k, i in enumerate(seeded_permutation(len(images), 0)[:measured].tolist()):
         heat, predicted, probs = gradcam(cam_graph, images[i].numpy(), spec)
         shares.append(central_share(heat))
