@@ -21,12 +21,13 @@ out of time is recorded in the report, and the stages after it still run):
 * ``serve``: ``benchmarks/serve_bench.py --start`` against the same registry: ``/classify`` at
   concurrency 32 and 128, ``/classify_batch``, and a no-op endpoint as the load generator's ceiling.
 
-``OUT_DIR`` receives ``report.json``, ``report.md``, ``curves/*.png``, the ``best.pt`` +
-``metrics.json`` + ``curves.png`` of each model worth shipping under ``checkpoints/``, the
-``metrics.json`` of every other run under ``runs/``, the exported ``registry/`` and the
-benchmark JSONs; everything else (checkpoints of every seed) stays in a scratch folder. The run
-refuses to leave more than 60 MB in ``OUT_DIR``: the registry is the big part (two formats of
-two models, ~13 MB each).
+``OUT_DIR`` receives ``report.json``, ``report.md``, ``curves/*.png``, the ``best.pt`` (weights
+stored in float16) + ``metrics.json`` + ``curves.png`` of each model worth shipping under
+``checkpoints/``, the ``metrics.json`` of every other run under ``runs/``, the exported
+``registry/`` (from the float32 weights: shipping is copying ``registry/NAME`` into ``models/``)
+and the benchmark JSONs; everything else (checkpoints of every seed) stays in a scratch folder.
+The run refuses to leave more than 60 MB in ``OUT_DIR``: the registry is the big part (two formats
+of two models, ~10 MB each).
 
 Datasets are found as training finds them (``../shared/datasets`` or ``IMGCLF_DATASETS``). It needs
 what a CUDA host with PyTorch has (torch 2.5 or later) plus requirements-serve.txt (BentoML for the
@@ -172,8 +173,13 @@ def keep(run: Run, name: str, shipped_as: str | None = None) -> dict[str, Any]:
     dest = run.out / ("checkpoints" if shipped_as else "runs") / name
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(src / "metrics.json", dest / "metrics.json")
-    if shipped_as:
-        shutil.copy(src / "best.pt", dest / "best.pt")
+    if shipped_as:  # fp16 weights: with the registry (exported from the fp32 ones) it stays under 60 MB
+        import torch
+
+        ckpt = torch.load(src / "best.pt", map_location="cpu", weights_only=True)
+        ckpt["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        ckpt["stored_as"] = "float16 copy of the run's float32 weights (benchmarks/gpu_run.py)"
+        torch.save(ckpt, dest / "best.pt")
     if (src / "curves.png").exists():
         shutil.copy(src / "curves.png", dest / "curves.png")
         (run.out / "curves").mkdir(exist_ok=True)

@@ -28,7 +28,7 @@ Presets (``--preset``) set a whole recipe; any flag given explicitly still wins:
   averaging (Zhang et al., 2019; hlb-CIFAR10's EMA), and flip + one-pixel-translate test-time
   augmentation (airbench's TTA level 2).
 * ``ship``: :func:`training.nets.fastnet_res` (three convs a stage with a shortcut, airbench96's
-  block at 64/256/256 so both formats stay ~13 MB), 40 epochs, 4-pixel translation and 12-pixel
+  block at 64/224/224 so both formats stay ~10 MB), 40 epochs, 4-pixel translation and 12-pixel
   cutout (DeVries & Taylor), same optimiser ideas. The model this project ships for CIFAR-10.
 """
 
