@@ -24,7 +24,7 @@ def report_run(tmp_path_factory, cifar_folder: Path) -> Path:
 
     out = tmp_path_factory.mktemp("reportrun")
     train(parse_args(["--model", "resnet20", "--epochs", "2", "--limit-train", "1024", "--limit-eval", "500",
-                      "--batch-size", "128", "--quiet", "--out", str(out)]))
+                      "--batch-size", "128", "--schedule", "onecycle", "--quiet", "--out", str(out)]))
     return out
 
 
