@@ -219,8 +219,13 @@ def open_tensorboard(args: argparse.Namespace, out: Path):
     """A SummaryWriter into ``--tensorboard`` (default: the run folder's ``tensorboard/``), or None."""
     if args.no_tensorboard:
         return None
-    from torch.utils.tensorboard import SummaryWriter
-
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # e.g. a GPU host with PyTorch but without the tensorboard package
+        if args.tensorboard:  # asked for by name: that is an error
+            raise SystemExit(f"error: --tensorboard needs the tensorboard package ({exc})") from None
+        print(f"warning: no TensorBoard logs ({exc}); pip install tensorboard", file=sys.stderr)
+        return None
     return SummaryWriter(str(Path(args.tensorboard) if args.tensorboard else out / "tensorboard"))
 
 
