@@ -31,7 +31,8 @@ of two models, ~10 MB each).
 
 Datasets are found as training finds them (``../shared/datasets`` or ``IMGCLF_DATASETS``). It needs
 what a CUDA host with PyTorch has (torch 2.5 or later) plus requirements-serve.txt (BentoML for the
-``serve`` stage), torchvision, onnx, matplotlib and tqdm.
+``serve`` stage); matplotlib (curves), tqdm (progress bars) and tensorboard (training logs) are
+used when present, and training goes on without them.
 """
 
 from __future__ import annotations

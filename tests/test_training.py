@@ -187,21 +187,23 @@ def test_lenet_at_224_exports_to_onnx_exactly(tmp_path: Path) -> None:
 
 
 def test_training_without_the_tensorboard_package_warns_and_goes_on(tmp_path: Path, cifar_folder: Path) -> None:
-    """A GPU host may have PyTorch without tensorboard: training logs a warning instead of failing,
-    unless --tensorboard was asked for by name."""
+    """A GPU host may have PyTorch without tensorboard, tqdm or matplotlib: training warns and goes on
+    (no logs, no bar, no curves.png), unless --tensorboard was asked for by name."""
     import subprocess
     import sys
 
     code = ("import sys; sys.modules['tensorboard'] = None\n"  # as if the package were not installed
+            "sys.modules['tqdm'] = sys.modules['matplotlib'] = None\n"  # nor these (PyTorch-only host)
             "from training.train import parse_args, train\n"
             "train(parse_args(sys.argv[1:]))\n")
     args = ["--model", "fastnet_tiny", "--epochs", "1", "--limit-train", "256", "--limit-eval", "100",
-            "--batch-size", "128", "--no-plot", "--quiet"]
+            "--batch-size", "128", "--quiet"]
     repo = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "a")], cwd=repo,
                           capture_output=True, text=True)
     assert done.returncode == 0 and "warning: no TensorBoard logs" in done.stderr, done.stderr[-2000:]
     assert (tmp_path / "a" / "metrics.json").exists() and not (tmp_path / "a" / "tensorboard").exists()
+    assert "warning: no curves.png" in done.stderr and not (tmp_path / "a" / "curves.png").exists()
     asked = subprocess.run([sys.executable, "-c", code, *args, "--tensorboard", str(tmp_path / "tb"),
                             "--out", str(tmp_path / "b")], cwd=repo, capture_output=True, text=True)
     assert asked.returncode != 0 and "--tensorboard needs the tensorboard package" in asked.stderr

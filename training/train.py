@@ -46,7 +46,11 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
+try:
+    from tqdm import tqdm
+except ImportError:  # a GPU host with PyTorch only: training runs, without a progress bar
+    def tqdm(iterable, **_):  # type: ignore[no-redef]
+        return iterable
 
 from service.preprocess import InputSpec
 from training.data import Dataset, ImageSet, batches, load_catsdogs, load_cifar10, seeded_permutation
@@ -180,7 +184,11 @@ def init_from_checkpoint(model: nn.Module, path: str) -> list[str]:
 
 
 def plot_curves(history: list[dict[str, Any]], test_acc: float, title: str, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:  # metrics.json still holds every figure the plot would show
+        print(f"warning: no {path.name} ({exc}); pip install matplotlib", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
