@@ -156,6 +156,12 @@ def seeded_permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
+def seeded_sample(data: "ImageSet", limit: int) -> "ImageSet":
+    """The first ``limit`` images of a seed-0 shuffle of ``data`` (all of it when ``limit`` is 0 or
+    larger): ``--limit-eval``'s sample, since the official test split is stored class by class."""
+    return data.subset(seeded_permutation(len(data), 0)[:limit]) if 0 < limit < len(data) else data
+
+
 def _locate_cifar10(root: Path | None) -> tuple[Path, str] | None:
     """Return (folder holding train/ and test/, cache key), or None to use torchvision."""
     path = root or shared_datasets_dir() / "cifar10-jpeg.tar.gz"

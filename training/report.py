@@ -42,7 +42,9 @@ from training.cam import Explainable, feature_stages, rebuild_from_registry
 from service.preprocess import InputSpec, normalize
 from training.calibration import (ECE_BINS, calibration_summary, logits_from_probabilities,
                                   reliability, softmax)
-from training.data import Dataset, ImageSet, batches, seeded_permutation
+from training.data import Dataset, ImageSet, seeded_permutation, seeded_sample
+from training.export import split_logits
+from training.train import first_conv
 
 FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
            "report-feature-maps.png", "report-reliability.png", "report-gradcam.png")
@@ -72,11 +74,6 @@ class Subject:
 
 
 @torch.no_grad()
-def torch_logits(model: nn.Module, data: ImageSet, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x).float() for x, _ in batches(data, batch_size, spec.mean, spec.std)])
-
-
 def onnx_log_probabilities(path: Path, data: ImageSet, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
     import onnxruntime as ort
 
@@ -98,16 +95,11 @@ def card_dataset(card: dict[str, Any]) -> Dataset:
     return data
 
 
-def sample(data: ImageSet, limit: int) -> ImageSet:
-    """The seeded sample training's ``--limit-eval`` takes (test splits are stored class by class)."""
-    return data.subset(seeded_permutation(len(data), 0)[:limit]) if 0 < limit < len(data) else data
-
-
 def load_model_dir(folder: Path, limit: int = 0) -> Subject:
     card = json.loads((folder / "card.json").read_text())
     spec = InputSpec.from_card(card)
     data = card_dataset(card)
-    val, test = sample(data.val, limit), sample(data.test, limit)
+    val, test = seeded_sample(data.val, limit), seeded_sample(data.test, limit)
     onnx_path = folder / card["artifacts"]["onnx"]["file"]
     net = rebuild_from_registry(folder)[0]
     return Subject(f"{card['name']} ({card['architecture']}, registry v{card['version']})", list(card["classes"]),
@@ -125,11 +117,11 @@ def load_run_dir(folder: Path, limit: int = 0) -> Subject:
     data = load_data(ckpt, metrics, spec)
     # the run's own evaluation images: --limit-eval sampled both splits alike
     limit = limit or (metrics["test_images"] if metrics["test_images"] < len(data.test) else 0)
-    val, test = sample(data.val, limit), sample(data.test, limit)
+    val, test = seeded_sample(data.val, limit), seeded_sample(data.test, limit)
     level = int(ckpt.get("tta", 0))
     evaluated = TestTimeAugment(net, level).eval() if level else net
     return Subject(f"{metrics['dataset']} / {metrics['model']} (run {folder.name})", list(ckpt["classes"]), spec,
-                   net, val, test, torch_logits(evaluated, val, spec), torch_logits(evaluated, test, spec),
+                   net, val, test, split_logits(evaluated, val.images, spec), split_logits(evaluated, test.images, spec),
                    metrics.get("history", []), metrics["test_accuracy"], metrics.get("val_accuracy"), None)
 
 
@@ -252,10 +244,6 @@ def plot_confident(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tens
     fig.suptitle(f"{title}: test images, top-3 probabilities as served")
     fig.tight_layout()
     return save(fig, path)
-
-
-def first_conv(net: nn.Module) -> nn.Conv2d:
-    return next(m for m in net.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3)
 
 
 def plot_filters(net: nn.Module, title: str, path: Path) -> Path:

@@ -53,7 +53,7 @@ except ImportError:  # a GPU host with PyTorch only: training runs, without a pr
         return iterable
 
 from service.preprocess import InputSpec
-from training.data import Dataset, ImageSet, batches, load_catsdogs, load_cifar10, seeded_permutation
+from training.data import Dataset, ImageSet, batches, load_catsdogs, load_cifar10, seeded_sample
 from training.nets import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, FastNet, PretrainedWeightsUnavailable,
                            TestTimeAugment, build_model, imagenet_backbone)
 from training.schedules import SCHEDULES, make_schedule
@@ -264,9 +264,14 @@ def log_epoch(writer, row: dict[str, Any], step: int) -> None:
         writer.add_scalar("epoch/val_accuracy", row["val_acc"], epoch)
 
 
+def first_conv(model: nn.Module) -> nn.Conv2d | None:
+    """The convolution that sees the image's three channels (None for a network without one)."""
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+
+
 def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
     """The first convolution's filters as images (each stretched to [0, 1]), or None."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
+    conv = first_conv(model)
     if conv is None:
         return None
     w = conv.weight.detach().float().cpu()
@@ -324,9 +329,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     classes = data.train.classes
     train_set = data.train if not args.limit_train else data.train.subset(torch.arange(args.limit_train))
     val_set, test_set = data.val, data.test
-    if args.limit_eval:
-        # a seeded sample: the official test split is stored class by class
-        val_set, test_set = (s.subset(seeded_permutation(len(s), 0)[:args.limit_eval]) for s in (val_set, test_set))
+    val_set, test_set = seeded_sample(val_set, args.limit_eval), seeded_sample(test_set, args.limit_eval)
     train_set, val_set, test_set = (s.to(device) for s in (train_set, val_set, test_set))  # once
 
     fresh = None
