@@ -30,10 +30,11 @@ import numpy as np
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import Settings
 from service.engine import Batcher, Explainer, NotExplainable, Overloaded
@@ -437,6 +438,24 @@ SWAGGER_PAGE = """<!doctype html>
 </body></html>"""
 
 
+class LineFeedPaths:
+    """ASGI middleware for the BentoML service (``add_asgi_middleware``): a request whose path holds a
+    line feed goes straight to this service's app. BentoML mounts the app at ``/`` with a subclass
+    of Starlette's ``Mount``, whose pattern (``.*``) does not match a line feed, so
+    ``GET /models/a%0Ab`` got the framework's plain-text 404 rather than this service's JSON
+    ``unknown_model`` (found by schemathesis)."""
+
+    def __init__(self, app: ASGIApp, api_app: ASGIApp) -> None:
+        self.app = app
+        self.api_app = api_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "\n" in scope["path"]:
+            await self.api_app(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
 def build_app(holder: ApiHolder) -> Starlette:
     def ready() -> Api:
         if holder.api is None:
@@ -444,7 +463,7 @@ def build_app(holder: ApiHolder) -> Starlette:
         return holder.api
 
     def error(exc: Rejected) -> JSONResponse:
-        return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status)
+        return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
     async def list_models(request: Request) -> Response:
         try:
@@ -471,7 +490,16 @@ def build_app(holder: ApiHolder) -> Starlette:
     async def docs(request: Request) -> Response:
         return HTMLResponse(SWAGGER_PAGE)
 
-    return Starlette(routes=[
+    async def no_route(request: Request, exc: HTTPException) -> Response:
+        # Starlette's own 404/405 are plain text; every answer of this app is JSON. (BentoML mounts
+        # this app passively: a path that none of its routes takes is BentoML's, a plain-text 404.)
+        path = request.scope["path"]
+        if exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            return error(Rejected(405, "method_not_allowed", f"{path} takes {allow}", {"Allow": allow}))
+        return error(Rejected(exc.status_code, "not_found", f"no route for {path}"))
+
+    return Starlette(exception_handlers={404: no_route, 405: no_route}, routes=[
         Route("/classify", Classify(holder)),  # ASGI endpoints: they answer 405 themselves, in JSON
         Route("/classify_batch", ClassifyBatch(holder)),
         Route("/explain", Explain(holder)),

@@ -29,7 +29,7 @@ import aiohttp
 import bentoml
 import numpy as np
 
-from service.app import Api, ApiHolder, build_app
+from service.app import Api, ApiHolder, LineFeedPaths, build_app
 from service.config import Settings, api_workers, bentoml_options
 from service.engine import Batcher, Explainer, LocalRunner, RemoteRunner, run_models, warm_up
 from service.logs import configure_logging
@@ -173,6 +173,10 @@ class ImageClassifier:
                     raise
                 logger.warning("engine connection dropped; retrying (%d)", attempt + 1)
         raise AssertionError("unreachable")
+
+
+# a path with a line feed reaches the API app (BentoML's mount cannot route it; see LineFeedPaths)
+ImageClassifier.add_asgi_middleware(LineFeedPaths, api_app=app)
 
 
 def load_cards_default(settings: Settings, cards: dict[str, dict[str, Any]]) -> str:

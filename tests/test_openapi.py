@@ -15,6 +15,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from PIL import Image
 
+from benchmarks.fuzz_openapi import UPLOADS, fuzz
 from conftest import Server
 from test_service import BAD_INPUTS, encode, post
 
@@ -101,3 +102,17 @@ def test_successes_match_the_document(server: Server, spec: dict) -> None:
         too_many = post(server, [("image", (f"{i}.png", tiny)) for i in range(65)], path=path)
         assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_files"
         check(spec, path, too_many)
+
+
+# --- schemathesis: requests generated from the document itself ---------------------------------
+# Bounded here (40 requests an operation and generation mode, seconds); longer runs: `benchmarks/fuzz_openapi.py`,
+# which says which checks run and why "positive data acceptance" is not one of them.
+
+def test_requests_generated_from_the_document_get_declared_answers(server: Server) -> None:
+    summary = fuzz(server.url, examples=40)  # a failed check raises, with the smallest failing request
+    assert {f"{label} ({mode})" for label in UPLOADS for mode in ("positive", "negative")} <= set(summary["statuses"])
+    assert summary["server_errors"] == 0
+    # the generated requests reached the handlers: each upload endpoint refused some (random bytes
+    # are no image), and the server is still up
+    assert all(summary["refused"].get(label, 0) > 0 for label in UPLOADS), summary["refused"]
+    assert server.proc.poll() is None
