@@ -7,9 +7,6 @@ declared schema, and the error code is one the document lists for that status.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import httpx
 import pytest
 from jsonschema import Draft202012Validator

@@ -43,8 +43,10 @@ from service.preprocess import InputSpec, normalize
 from training.calibration import (ECE_BINS, calibration_summary, logits_from_probabilities,
                                   reliability, softmax)
 from training.data import Dataset, ImageSet, seeded_permutation, seeded_sample
-from training.export import split_logits
-from training.train import first_conv
+from training.export import load_checkpoint, load_data, split_logits
+from training.nets import TestTimeAugment
+from training.train import first_conv, load_dataset
+from training.train import plot_curves as training_curves
 
 FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
            "report-feature-maps.png", "report-reliability.png", "report-gradcam.png")
@@ -73,7 +75,6 @@ class Subject:
 # --- loading ------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def onnx_log_probabilities(path: Path, data: ImageSet, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
     import onnxruntime as ort
 
@@ -86,8 +87,6 @@ def onnx_log_probabilities(path: Path, data: ImageSet, spec: InputSpec, batch_si
 
 def card_dataset(card: dict[str, Any]) -> Dataset:
     """The split a registry model was trained and measured on, from its card."""
-    from training.train import load_dataset
-
     spec = card.get("split_spec") or {"dataset": card["training"]["dataset"], "seed": card["training"]["seed"],
                                       "data_root": None}
     data = load_dataset({**spec, "image_size": card["input"]["size"][0]})
@@ -109,9 +108,6 @@ def load_model_dir(folder: Path, limit: int = 0) -> Subject:
 
 
 def load_run_dir(folder: Path, limit: int = 0) -> Subject:
-    from training.export import load_checkpoint, load_data
-    from training.nets import TestTimeAugment
-
     net, ckpt, metrics = load_checkpoint(folder)
     spec = InputSpec.from_card(ckpt)
     data = load_data(ckpt, metrics, spec)
@@ -164,8 +160,6 @@ def to_hwc(image_uint8: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def plot_curves(subject: Subject, path: Path) -> Path:
     if subject.history:
-        from training.train import plot_curves as training_curves
-
         training_curves(subject.history, subject.test_accuracy, subject.title, path)
         return path
     plt = pyplot()
