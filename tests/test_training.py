@@ -135,6 +135,45 @@ def test_export_writes_card_and_graphs_match_the_checkpoint(tiny_run: Path, tmp_
         assert out.shape == (n, 10) and np.allclose(out.sum(1), 1, atol=1e-5)
 
 
+def test_calibrate_entry_folds_a_temperature_into_an_existing_entry(tiny_run: Path, tmp_path: Path) -> None:
+    """What the shipped models went through: an uncalibrated registry entry, its run gone, gets
+    softmax(logits / T) from its own weights; the served probabilities move, the argmax does not."""
+    from training.calibration import expected_calibration_error
+    from training.export import calibrate_entry, card_dataset, export
+
+    target = export(tiny_run, "cifar10", tmp_path, tolerance=1e-4, parity_count=64)  # plain softmax
+    before = json.loads((target / "card.json").read_text())
+    assert "calibration" not in before
+    spec = InputSpec.from_card(before)
+    test = card_dataset(before).test
+    inputs = normalize(test.images[:512].numpy(), spec)
+
+    def served(card: dict) -> np.ndarray:
+        session = ort.InferenceSession(str(target / card["artifacts"]["onnx"]["file"]))
+        return session.run(None, {"input": inputs})[0]
+
+    old = served(before)
+    calibrate_entry(target, parity_count=64)
+    after = json.loads((target / "card.json").read_text())
+    cal = after["calibration"]
+    assert cal["recalibrated_from_version"] == before["version"] != after["version"]
+    assert cal["temperature"] != 1.0 and cal["test_ece_after"] <= cal["test_ece_before"]
+    assert after["metrics"] == before["metrics"] and after["training"] == before["training"]
+    new = served(after)
+    logits = np.log(old) / cal["temperature"]
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    assert np.abs(new - expected).max() < 1e-4  # exactly temperature scaling of what was served
+    assert (new.argmax(1) == old.argmax(1)).all()
+    labels = test.labels[:512].numpy()
+    assert expected_calibration_error(new, labels) != pytest.approx(expected_calibration_error(old, labels))
+    scripted = torch.jit.load(str(target / after["artifacts"]["torchscript"]["file"]))
+    assert np.abs(scripted(torch.from_numpy(inputs)).detach().numpy() - new).max() < 1e-4
+    assert scripted.cam(torch.from_numpy(inputs[:2]))[1].dim() == 4  # Grad-CAM's method kept
+    with pytest.raises(SystemExit, match="already calibrated"):
+        calibrate_entry(target)
+
+
 def test_export_rebuilds_the_runs_own_split(tmp_path: Path, cifar_folder: Path) -> None:
     """A run trained with --seed 1 is exported against the seed-1 split (recorded in best.pt)."""
     from training.export import export

@@ -18,6 +18,10 @@ and its mirror image (twice the inference cost); ``--tta auto`` does so only if 
 validation accuracy. Those two re-measure the card's accuracies for the graph that ships; the test
 split decides nothing.
 
+``--calibrate-entry MODEL_DIR`` calibrates an entry already in the registry whose run is gone (the
+shipped models were exported before calibration existed): its network is rebuilt from the
+TorchScript weights and checked against its ONNX graph, then re-exported the same way.
+
 Export rebuilds exactly the run's split (dataset, seed, data root, image size: recorded in the
 checkpoint) for its parity images and any re-measurement.
 """
@@ -33,7 +37,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -42,7 +46,7 @@ from torch import nn
 
 from service.preprocess import InputSpec, normalize
 from training.data import REPO_ROOT, Dataset, sha256_file
-from training.cam import trace_explainable
+from training.cam import rebuild_from_registry, serving_graph, trace_explainable
 from training.nets import TestTimeAugment, build_model
 from training.train import evaluate, load_dataset
 
@@ -223,6 +227,22 @@ def check_parity(model: nn.Module, onnx_path: Path, ts_path: Path, inputs: np.nd
     return result
 
 
+def artifact_records(artifacts: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    return {fmt: {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for fmt, path in artifacts.items()}
+
+
+def calibrated_output(temperature: float) -> str:
+    return (f"temperature-scaled softmax probabilities over classes, in card order: "
+            f"softmax(logits / {temperature:.4f}) (the graphs include it; see calibration)")
+
+
+def compute_device(device: str) -> torch.device:
+    """``auto``: CUDA when usable, else the CPU; otherwise the device named."""
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        "cpu" if device == "auto" else device)
+
+
 def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
                parity: dict[str, float], tta: dict | None, calibration: dict | None = None) -> dict[str, Any]:
     onnx_hash = sha256_file(artifacts["onnx"])
@@ -245,8 +265,7 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
             "command", "dataset", "data_source", "data_fingerprint", "split", "seed", "best_epoch",
             "train_seconds", "hardware", "torch", "init_from")},
         "split_spec": metrics.get("data"),  # what export and re-measurement rebuild the split from
-        "artifacts": {fmt: {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-                      for fmt, path in artifacts.items()},
+        "artifacts": artifact_records(artifacts),
         "parity": parity,
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "export_command": "python -m training.export " + " ".join(sys.argv[1:]),
@@ -254,8 +273,7 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
     if tta:
         card["test_time_augmentation"] = tta
     if calibration:
-        card["output"] = (f"temperature-scaled softmax probabilities over classes, in card order: "
-                          f"softmax(logits / {calibration['temperature']:.4f}) (the graphs include it; see calibration)")
+        card["output"] = calibrated_output(calibration["temperature"])
         card["calibration"] = calibration
     return card
 
@@ -269,14 +287,27 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
     data = load_data(ckpt, metrics, spec)
     plain = net  # Grad-CAM explains the network itself, not its test-time-augmented average
     net, tta = apply_tta(net, data, tta_mode, metrics, int(ckpt.get("tta", 0)))
-    run_on = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    calibration = fit_calibration(net, data, spec, run_on) if calibrate else None
+    calibration = fit_calibration(net, data, spec, compute_device(device)) if calibrate else None
     model = WithSoftmax(net, calibration["temperature"] if calibration else 1.0).eval()
     # parity on the first images of the real test split
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
-    example = torch.from_numpy(inputs[:2])
+    target, card = install_entry(models_dir, name, model, plain, inputs, tolerance,
+                                 lambda artifacts, parity: build_card(name, ckpt, metrics, artifacts, parity, tta,
+                                                                      calibration),
+                                 [run_dir / "curves.png"])
+    parity = card["parity"]
+    print(f"exported {name} v{card['version']} to {target}: test accuracy {card['metrics']['test_accuracy']:.4f}, "
+          f"parity onnx {parity['max_abs_diff_onnx']:.2e} torchscript {parity['max_abs_diff_torchscript']:.2e}")
+    return target
 
+
+def install_entry(models_dir: Path, name: str, model: nn.Module, plain: nn.Module, inputs: np.ndarray,
+                  tolerance: float, make_card: Callable[[dict[str, Path], dict[str, float]], dict[str, Any]],
+                  extra_files: Sequence[Path] = ()) -> tuple[Path, dict[str, Any]]:
+    """Write ``model`` (the serving graph) as ONNX and TorchScript (with Grad-CAM's ``cam`` method on
+    ``plain``) into a staging folder, check parity on ``inputs``, write the card ``make_card``
+    returns and the ``extra_files`` that exist, and swap the folder in as ``models_dir/name``."""
+    example = torch.from_numpy(inputs[:2])
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the registry is read by the service user
@@ -289,10 +320,11 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
         trace_explainable(model, plain, example).save(str(artifacts["torchscript"]))
         # against the original model, so a replaced pool must match it too
         parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
-        card = build_card(name, ckpt, metrics, artifacts, parity, tta, calibration)
+        card = make_card(artifacts, parity)
         (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        if (run_dir / "curves.png").exists():
-            shutil.copy(run_dir / "curves.png", staging / "curves.png")
+        for extra in extra_files:
+            if extra.exists():
+                shutil.copy(extra, staging / extra.name)
         target = models_dir / name
         if target.exists():
             old = target.rename(models_dir / f".{name}-old")
@@ -302,15 +334,64 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
             staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"exported {name} v{card['version']} to {target}: test accuracy {card['metrics']['test_accuracy']:.4f}, "
-          f"parity onnx {parity['max_abs_diff_onnx']:.2e} torchscript {parity['max_abs_diff_torchscript']:.2e}")
+    return target, card
+
+
+def card_dataset(card: dict[str, Any]) -> Dataset:
+    """The split a registry model was trained and measured on, from its card."""
+    spec = card.get("split_spec") or {"dataset": card["training"]["dataset"], "seed": card["training"]["seed"],
+                                      "data_root": None}
+    data = load_dataset({**spec, "image_size": card["input"]["size"][0]})
+    data.mean, data.std = tuple(card["input"]["mean"]), tuple(card["input"]["std"])
+    return data
+
+
+def calibrate_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 256,
+                    device: str = "cpu") -> Path:
+    """Fold a temperature into a registry entry whose training run is gone (the shipped models):
+    rebuild its network from the TorchScript weights, check that it computes the entry's ONNX
+    graph on real test images, fit ``T`` on the card's validation split, and re-export both formats
+    as ``softmax(logits / T)``. Accuracy is unchanged (``T`` > 0 keeps the argmax); the card keeps
+    its training record and gains ``calibration``, a new version and the command."""
+    plain, card = rebuild_from_registry(folder)
+    if card.get("calibration"):
+        raise SystemExit(f"{folder}: already calibrated (T = {card['calibration']['temperature']:.4f})")
+    spec = InputSpec.from_card(card)
+    data = card_dataset(card)
+    inputs = normalize(data.test.images[:parity_count].numpy(), spec)
+    uncalibrated = serving_graph(plain, card)  # softmax over the (test-time augmented) logits
+    session = ort.InferenceSession(str(folder / card["artifacts"]["onnx"]["file"]), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        worst = float(np.abs(session.run(None, {session.get_inputs()[0].name: inputs})[0]
+                             - uncalibrated(torch.from_numpy(inputs)).numpy()).max())
+    if not worst <= tolerance:
+        raise SystemExit(f"{folder}: the rebuilt network differs from the entry's ONNX graph by {worst:.3g}")
+    net = uncalibrated.model
+    calibration = fit_calibration(net, data, spec, compute_device(device))
+    model = WithSoftmax(net, calibration["temperature"]).eval()
+
+    def recalibrated_card(artifacts: dict[str, Path], parity: dict[str, float]) -> dict[str, Any]:
+        return {**card, "version": sha256_file(artifacts["onnx"])[:12],
+               "artifacts": artifact_records(artifacts), "parity": parity, "calibration": {**calibration, "recalibrated_from_version": card["version"]},
+               "output": calibrated_output(calibration["temperature"]),
+               "calibrated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "calibrate_command": f"python -m training.export --calibrate-entry {folder}"}
+
+    figures = sorted(folder.glob("*.png"))  # curves and report figures travel with the entry
+    target, new = install_entry(folder.parent, folder.name, model, plain, inputs, tolerance, recalibrated_card,
+                                figures)
+    print(f"calibrated {folder.name}: v{card['version']} -> v{new['version']}, T = {calibration['temperature']:.4f}, "
+          f"test ECE {calibration['test_ece_before']:.4f} -> {calibration['test_ece_after']:.4f}")
     return target
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, help="training output folder (holds best.pt, metrics.json)")
-    parser.add_argument("--name", required=True, help="registry name, e.g. cifar10")
+    parser.add_argument("run_dir", type=Path, nargs="?", help="training output folder (holds best.pt, metrics.json)")
+    parser.add_argument("--name", help="registry name, e.g. cifar10")
+    parser.add_argument("--calibrate-entry", type=Path, metavar="MODEL_DIR",
+                        help="instead: fold a fitted temperature into an existing registry entry whose run is "
+                             "gone (e.g. models/cifar10), in place")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--parity-images", type=int, default=256)
@@ -322,6 +403,11 @@ def main(argv: list[str] | None = None) -> None:
                              "the card records ECE and NLL before and after on the test split")
     parser.add_argument("--device", default="auto", help="where calibration computes logits (auto: CUDA if usable)")
     args = parser.parse_args(argv)
+    if args.calibrate_entry:
+        calibrate_entry(args.calibrate_entry, args.tolerance, args.parity_images, args.device)
+        return
+    if args.run_dir is None or args.name is None:
+        parser.error("a run folder and --name are needed (or --calibrate-entry MODEL_DIR)")
     export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta, args.calibrate,
            args.device)
 

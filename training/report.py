@@ -42,10 +42,10 @@ from training.cam import Explainable, feature_stages, rebuild_from_registry
 from service.preprocess import InputSpec, normalize
 from training.calibration import (ECE_BINS, calibration_summary, logits_from_probabilities,
                                   reliability, softmax)
-from training.data import Dataset, ImageSet, seeded_permutation, seeded_sample
-from training.export import load_checkpoint, load_data, split_logits
+from training.data import ImageSet, seeded_permutation, seeded_sample
+from training.export import card_dataset, load_checkpoint, load_data, split_logits
 from training.nets import TestTimeAugment
-from training.train import first_conv, load_dataset
+from training.train import first_conv
 from training.train import plot_curves as training_curves
 
 FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
@@ -83,15 +83,6 @@ def onnx_log_probabilities(path: Path, data: ImageSet, spec: InputSpec, batch_si
     out = [session.run(None, {name: normalize(data.images[i:i + batch_size].numpy(), spec)})[0]
            for i in range(0, len(data), batch_size)]
     return logits_from_probabilities(np.concatenate(out)).float()
-
-
-def card_dataset(card: dict[str, Any]) -> Dataset:
-    """The split a registry model was trained and measured on, from its card."""
-    spec = card.get("split_spec") or {"dataset": card["training"]["dataset"], "seed": card["training"]["seed"],
-                                      "data_root": None}
-    data = load_dataset({**spec, "image_size": card["input"]["size"][0]})
-    data.mean, data.std = tuple(card["input"]["mean"]), tuple(card["input"]["std"])
-    return data
 
 
 def load_model_dir(folder: Path, limit: int = 0) -> Subject:
@@ -371,10 +362,17 @@ def write_report(folder: Path, out: Path | None = None, limit: int = 0, image_in
     matrix = confusion_matrix(test_labels, predicted, len(subject.classes))
     calibration = calibration_summary(subject.val_logits, subject.val.labels, subject.test_logits, test_labels)
     temperature = calibration["temperature"]
-    served = "as served (graph already temperature-scaled)" if subject.served_calibration else "as the model outputs"
-    panels = [(served, reliability(probs, test_labels)),
-              (f"after temperature T = {temperature:.3f} (fitted on validation)",
-               reliability(softmax(subject.test_logits, temperature), test_labels))]
+    if subject.served_calibration:  # the graph divides by the card's T: T x log p undoes it exactly
+        served = f"as served (T = {subject.served_calibration['temperature']:.3f} folded into the graph)"
+        panels = [("the network's own softmax (before calibration)",
+                   reliability(softmax(subject.test_logits, 1 / subject.served_calibration["temperature"]),
+                               test_labels)),
+                  (served, reliability(probs, test_labels))]
+    else:
+        served = "as the model outputs"
+        panels = [(served, reliability(probs, test_labels)),
+                  (f"after temperature T = {temperature:.3f} (fitted on validation)",
+                   reliability(softmax(subject.test_logits, temperature), test_labels))]
 
     plot_curves(subject, out / FIGURES[0])
     plot_confusion(matrix, subject.classes, subject.title, out / FIGURES[1])
