@@ -41,11 +41,13 @@ def photos(card: dict, catsdogs_folder: Path):
 
 def test_cam_method_shares_the_serving_graphs_network(net: torch.nn.Module, card: dict) -> None:
     """The registry's TorchScript file carries Grad-CAM's ``cam`` method beside ``forward``: its
-    logits give the served probabilities, and its feature map is the last stage's (3 x 3 at 96 px)."""
+    logits give the served probabilities (divided by the card's calibration temperature), and its
+    feature map is the last stage's (3 x 3 at 96 px)."""
     x = torch.randn(4, 3, *card["input"]["size"])
+    temperature = card.get("calibration", {}).get("temperature", 1.0)
     with torch.no_grad():
         logits, features = net.cam(x)
-        assert torch.allclose(logits.softmax(1), net(x), atol=1e-5)
+        assert torch.allclose((logits / temperature).softmax(1), net(x), atol=1e-5)
     assert features.shape[0] == 4 and features.dim() == 4 and features.shape[-1] < card["input"]["size"][1]
 
 
