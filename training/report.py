@@ -317,18 +317,20 @@ def plot_reliability(panels: list[tuple[str, Any]], title: str, path: Path) -> P
     return save(fig, path)
 
 
-def plot_gradcam(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec,
-                 classes: Sequence[str], title: str, path: Path, shown: int = 8, measured: int = 50) -> dict[str, Any]:
+def plot_gradcam(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, served: torch.Tensor,
+                 spec: InputSpec, classes: Sequence[str], title: str, path: Path, shown: int = 8,
+                 measured: int = 50) -> dict[str, Any]:
     """Grad-CAM on a seeded sample of ``measured`` test images (CIFAR's test split is stored class by
-    class); the first ``shown`` of them drawn."""
+    class); the first ``shown`` of them drawn, titled with the served probability (``served``: the
+    graph's output per test image, calibrated where the card says so)."""
     plt = pyplot()
     shares, drawn = [], []
     cam_graph = Explainable(net, net).eval()  # its cam method: what the exported TorchScript's computes
     for k, i in enumerate(seeded_permutation(len(images), 0)[:measured].tolist()):
-        heat, predicted, probs = gradcam(cam_graph, images[i].numpy(), spec)
+        heat, predicted, _ = gradcam(cam_graph, images[i].numpy(), spec)
         shares.append(central_share(heat))
         if k < shown:
-            drawn.append((i, heat, predicted, float(probs[predicted])))
+            drawn.append((i, heat, predicted, float(served[i, predicted])))
     fig, axes = plt.subplots(1, len(drawn), figsize=(1.9 * len(drawn), 2.6), squeeze=False)
     for ax, (i, heat, predicted, p) in zip(axes[0], drawn):
         image = to_hwc(images[i]).astype(np.float32)
@@ -382,7 +384,7 @@ def write_report(folder: Path, out: Path | None = None, limit: int = 0, image_in
     label = subject.classes[int(test_labels[image_index])]
     plot_feature_maps(subject.net, image, label, subject.spec, subject.title, out / FIGURES[4])
     plot_reliability(panels, subject.title, out / FIGURES[5])
-    explained = plot_gradcam(subject.net, subject.test.images, test_labels, subject.spec, subject.classes,
+    explained = plot_gradcam(subject.net, subject.test.images, test_labels, probs, subject.spec, subject.classes,
                              subject.title, out / FIGURES[6])
 
     report = {
