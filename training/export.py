@@ -20,7 +20,7 @@ split decides nothing.
 
 ``--calibrate-entry MODEL_DIR`` calibrates an entry already in the registry whose run is gone (the
 shipped models were exported before calibration existed): its network is rebuilt from the
-TorchScript weights and checked against its ONNX graph, then re-exported the same way.
+TorchScript weights and checked against its ONNX and TorchScript graphs, then re-exported the same way.
 
 Export rebuilds exactly the run's split (dataset, seed, data root, image size: recorded in the
 checkpoint) for its parity images and any re-measurement.
@@ -349,8 +349,8 @@ def card_dataset(card: dict[str, Any]) -> Dataset:
 def calibrate_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 256,
                     device: str = "cpu") -> Path:
     """Fold a temperature into a registry entry whose training run is gone (the shipped models):
-    rebuild its network from the TorchScript weights, check that it computes the entry's ONNX
-    graph on real test images, fit ``T`` on the card's validation split, and re-export both formats
+    rebuild its network from the TorchScript weights, check that it computes the entry's ONNX and
+    TorchScript graphs on real test images, fit ``T`` on the card's validation split, and re-export both formats
     as ``softmax(logits / T)``. Accuracy is unchanged (``T`` > 0 keeps the argmax); the card keeps
     its training record and gains ``calibration``, a new version and the command."""
     plain, card = rebuild_from_registry(folder)
@@ -360,19 +360,17 @@ def calibrate_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 2
     data = card_dataset(card)
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
     uncalibrated = serving_graph(plain, card)  # softmax over the (test-time augmented) logits
-    session = ort.InferenceSession(str(folder / card["artifacts"]["onnx"]["file"]), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        worst = float(np.abs(session.run(None, {session.get_inputs()[0].name: inputs})[0]
-                             - uncalibrated(torch.from_numpy(inputs)).numpy()).max())
-    if not worst <= tolerance:
-        raise SystemExit(f"{folder}: the rebuilt network differs from the entry's ONNX graph by {worst:.3g}")
+    # the rebuilt network computes what the entry's two graphs serve (else SystemExit)
+    check_parity(uncalibrated, folder / card["artifacts"]["onnx"]["file"],
+                 folder / card["artifacts"]["torchscript"]["file"], inputs, tolerance)
     net = uncalibrated.model
     calibration = fit_calibration(net, data, spec, compute_device(device))
     model = WithSoftmax(net, calibration["temperature"]).eval()
 
     def recalibrated_card(artifacts: dict[str, Path], parity: dict[str, float]) -> dict[str, Any]:
         return {**card, "version": sha256_file(artifacts["onnx"])[:12],
-               "artifacts": artifact_records(artifacts), "parity": parity, "calibration": {**calibration, "recalibrated_from_version": card["version"]},
+               "artifacts": artifact_records(artifacts), "parity": parity,
+               "calibration": {**calibration, "recalibrated_from_version": card["version"]},
                "output": calibrated_output(calibration["temperature"]),
                "calibrated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "calibrate_command": f"python -m training.export --calibrate-entry {folder}"}
