@@ -197,28 +197,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(env: dict[str, str], timeout_s: float = 300,
-                 log_prefix: str = "serve_bench") -> tuple[subprocess.Popen, str, Path] | None:
+def start_server(env: dict[str, str], timeout_s: float = 300, log_prefix: str = "serve_bench",
+                 attempts: int = 3) -> tuple[subprocess.Popen, str, Path] | None:
     """``python -m service.serve`` on a free loopback port: (process, url, log path), or None when it
-    did not become ready (the benchmarks in this folder all start their server here)."""
+    did not become ready (the benchmarks in this folder all start their server here). A server that
+    exits before it is ready (e.g. its free port was taken before it could bind) is started again
+    on a new port, up to ``attempts`` times."""
     import httpx
 
-    port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{log_prefix}-{port}.log", "w")
     # its own BENTOML_HOME unless one is set: `bentoml serve` wipes $BENTOML_HOME/prometheus_multiproc_dir
     home = os.environ.get("BENTOML_HOME") or tempfile.mkdtemp(prefix="serve_bench-bentoml-")
-    proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--port", str(port), "--host", "127.0.0.1"],
-                            cwd=REPO, env={**os.environ, "BENTOML_HOME": home, **env}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return proc, url, Path(log.name)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    for _ in range(attempts):
+        port = free_port()
+        log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"{log_prefix}-{port}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "service.serve", "--port", str(port), "--host", "127.0.0.1"],
+                                cwd=REPO, env={**os.environ, "BENTOML_HOME": home, **env}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    return proc, url, Path(log.name)
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        if proc.poll() is None:  # out of time, still starting: no retry
+            break
     print(f"server did not start; see {log.name}", file=sys.stderr)
     stop_server(proc)
     return None

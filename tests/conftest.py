@@ -52,8 +52,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServerExited(RuntimeError):
+    """The server process ended before it answered /readyz."""
+
+
 class Server:
-    def __init__(self, env: dict[str, str], timeout: float = 120, python: str = sys.executable) -> None:
+    def __init__(self, env: dict[str, str], timeout: float = 120, python: str = sys.executable,
+                 attempts: int = 3) -> None:
+        # A free port can be taken by another process between free_port() and the server's bind
+        # (seen once in CI: "Could not bind"); a server that exits before it is ready is started
+        # again on a new port, up to ``attempts`` times, and the last failure is raised.
+        for attempt in range(attempts):
+            try:
+                return self._start(env, timeout, python)
+            except ServerExited:
+                if attempt == attempts - 1:
+                    raise
+                shutil.rmtree(self.home, ignore_errors=True)
+
+    def _start(self, env: dict[str, str], timeout: float, python: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"imgclf-server-{self.port}.log", "w+")
@@ -67,7 +84,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+                raise ServerExited(f"server exited with {self.proc.returncode}:\n{self.output()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
                     return
