@@ -12,8 +12,9 @@ is decoded and run with **one** call of the runner:
   ``workers x batches/s`` calls, never one call per request, and no stage that sees every request
   is a single process.
 
-The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated as the
-images ahead of it times the recent run time per image), that finds ``max_queue`` images waiting,
+The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated from the
+images ahead of it, the batches they will form and a fitted batch cost, :class:`BatchCost`), that
+finds ``max_queue`` images waiting,
 or whose uploads would take the bytes waiting past ``max_queue_bytes``, is refused at once with
 :class:`Overloaded` (the API answers 503 + ``Retry-After``); a request still queued when its wait
 passes the cap, or whose client has gone, is dropped before it runs.
@@ -136,6 +137,59 @@ class RemoteRunner:
         return decoded
 
 
+class BatchCost:
+    """Run time of a batch as a function of its size, ``t(n) = overhead + per_image * n``, fitted by
+    exponentially weighted least squares over the recent batches (weight ``decay`` per batch).
+
+    Both terms matter: a batch's fixed cost (a thread hop, an engine call, a GPU launch) dominates
+    small batches, its per-image cost (decoding) large ones. Dividing a batch's time by its size
+    (the estimate used before) takes a lone request's round trip for the cost of every image: after
+    a few slow lone requests at start-up, 16 queued images looked 16 round trips away (2.4 s) though
+    they run as one batch, and requests were refused with 503. Until batches of different sizes
+    have been seen, the two terms cannot be told apart, and the prediction is the lower of the two
+    readings (``min(t, t * n / mean size)``): a refusal needs evidence; the hard cap at dequeue time
+    (:meth:`Batcher._take`) still bounds every wait."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self.weight = self.size = self.size2 = self.time = self.size_time = 0.0  # weighted sums
+
+    def observe(self, size: int, seconds: float) -> None:
+        d = self.decay
+        self.weight = d * self.weight + 1
+        self.size = d * self.size + size
+        self.size2 = d * self.size2 + size * size
+        self.time = d * self.time + seconds
+        self.size_time = d * self.size_time + size * seconds
+
+    def terms(self) -> tuple[float, float] | None:
+        """(overhead, per_image) in seconds, both >= 0; None when the sizes seen so far do not
+        separate them (or nothing has been seen)."""
+        if not self.weight:
+            return None
+        mean_n, mean_t = self.size / self.weight, self.time / self.weight
+        var_n = self.size2 / self.weight - mean_n * mean_n
+        if var_n <= 1e-6 * max(1.0, mean_n * mean_n):
+            return None
+        per_image = (self.size_time / self.weight - mean_n * mean_t) / var_n
+        overhead = mean_t - per_image * mean_n
+        if per_image < 0:  # bigger batches were not slower: all overhead
+            return mean_t, 0.0
+        if overhead < 0:  # fit through the origin
+            return 0.0, self.size_time / self.size2
+        return overhead, per_image
+
+    def seconds(self, size: int) -> float:
+        """Predicted run time of a batch of ``size`` images (0 before any batch has run)."""
+        if size <= 0 or not self.weight:
+            return 0.0
+        terms = self.terms()
+        if terms is None:
+            mean_n, mean_t = self.size / self.weight, self.time / self.weight
+            return min(mean_t, mean_t * size / mean_n)
+        return terms[0] + terms[1] * size
+
+
 class Batcher:
     """A bounded, latency-capped batching queue on the worker's event loop (see module doc)."""
 
@@ -151,17 +205,21 @@ class Batcher:
         self.in_flight = 0  # images in batches being run
         self.running = 0  # batches being run
         self.waiting_bytes = 0  # upload bytes queued or in batches being run
-        self.image_seconds = 0.0  # moving average of a batch's run time per image (0: not measured yet)
+        self.cost = BatchCost()  # fitted run time of a batch by its size
         self.batches = 0  # batches run (one runner call each)
         self.dropped = 0  # jobs dropped before running: client gone or waited past the cap
 
     def expected_wait_s(self, extra: int) -> float:
-        """Time until ``extra`` more images would be answered: the images ahead of them (the queue;
-        the running batches too when no batch slot is free) and their own, at the recent run time
-        per image, shared by the batch slots. Per image rather than per batch, so one slow batch
-        (a few large decodes) does not make every small request after it look slow."""
-        ahead = len(self.queue) + extra + (self.in_flight if self.running >= self.in_flight_limit else 0)
-        return ahead * self.image_seconds / self.in_flight_limit
+        """Time until ``extra`` more images would be answered: the queued images and theirs run as
+        batches of up to ``max_batch_size`` (the next batch takes everything queued), after the
+        running batches when no batch slot is free; the batches' predicted run times
+        (:class:`BatchCost`) are shared by the batch slots."""
+        queued = len(self.queue) + extra
+        full, rest = divmod(queued, self.max_batch_size)
+        work = full * self.cost.seconds(self.max_batch_size) + self.cost.seconds(rest)
+        if self.running >= self.in_flight_limit:
+            work += self.running * self.cost.seconds(math.ceil(self.in_flight / self.running))
+        return work / self.in_flight_limit
 
     def refusal(self, images: int, nbytes: int = 0) -> Overloaded | None:
         """Why ``images`` more images (``nbytes`` of uploads) cannot be queued now (None: they can).
@@ -230,8 +288,7 @@ class Batcher:
             rows: list[Any] = await self.runner(batch)
         except Exception as exc:  # every job of the batch fails with it; the queue lives on
             rows = [exc] * len(batch)
-        per_image = (time.perf_counter() - began) / len(batch)
-        self.image_seconds = per_image if not self.image_seconds else 0.8 * self.image_seconds + 0.2 * per_image
+        self.cost.observe(len(batch), time.perf_counter() - began)
         self.batches += 1
         self.running -= 1
         self.in_flight -= len(batch)
