@@ -37,6 +37,17 @@ def _choice(name: str, default: str, allowed: tuple[str, ...]) -> str:
     return raw
 
 
+def _auto_int(name: str) -> int:
+    """A positive integer, or ``auto`` (also the default) as 0."""
+    raw = (os.environ.get(name) or "auto").strip()
+    if raw == "auto":
+        return 0
+    value = _int(name, 0)
+    if value < 1:
+        raise SystemExit(f"{name}={raw!r}: expected a positive integer or 'auto'")
+    return value
+
+
 def host_cores() -> int:
     """CPU cores this process may run on (the affinity mask, else the machine's count)."""
     try:
@@ -93,7 +104,7 @@ class Settings:
     max_latency_ms: int  # queue-wait cap: a request expected to wait longer gets 503 + Retry-After
     max_queue: int  # images waiting per API worker; more get 503 + Retry-After
     max_queue_bytes: int  # upload bytes waiting per API worker (queued or decoding); more get 503
-    batches_in_flight: int  # batches a worker runs at once (decode/model of one overlaps the other)
+    batches_in_flight: int  # batches a worker runs at once; 0: auto (see in_flight)
     max_body_bytes: int
     max_pixels: int
     max_files: int
@@ -121,7 +132,7 @@ class Settings:
             max_latency_ms=max(1, _int("IMGCLF_MAX_LATENCY_MS", 2000)),
             max_queue=max(1, _int("IMGCLF_MAX_QUEUE", 4096)),
             max_queue_bytes=max(0, _int("IMGCLF_MAX_QUEUE_BYTES", DEFAULT_MAX_QUEUE_BYTES)),
-            batches_in_flight=max(1, _int("IMGCLF_BATCHES_IN_FLIGHT", 2)),
+            batches_in_flight=_auto_int("IMGCLF_BATCHES_IN_FLIGHT"),
             max_body_bytes=_int("IMGCLF_MAX_BODY_BYTES", 8 * 1024 * 1024),
             max_pixels=_int("IMGCLF_MAX_PIXELS", DEFAULT_MAX_PIXELS),
             max_files=_int("IMGCLF_MAX_FILES", 64),
@@ -142,6 +153,17 @@ class Settings:
         if len(names) == 1:
             return names[0]
         return FALLBACK_DEFAULT_MODEL
+
+    def in_flight(self, layout: str) -> int:
+        """Batches a worker runs at once (``IMGCLF_BATCHES_IN_FLIGHT``; ``auto``, the default: 2 with
+        the engine service, where a batch's decoding in the worker overlaps the previous batch's
+        engine call; 1 with the models in the worker, where one batch gets all of the worker's
+        inference threads and the batches grow larger. Measured side by side on 2 cores,
+        docs/BENCHMARKS.md: a CIFAR ResNet-18 serves 1.13x the requests/s with 1 than with 2,
+        the shipped ResNet-20 the same within noise, at less CPU a request)."""
+        if self.batches_in_flight:
+            return self.batches_in_flight
+        return 2 if layout == "service" else 1
 
     def threads_per_worker(self, workers: int) -> int:
         """Inference threads per model call in an API worker (``IMGCLF_ENGINE_THREADS``, else the

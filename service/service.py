@@ -150,7 +150,7 @@ class ImageClassifier:
             models = load_models(settings, layout, settings.threads_per_worker(api_workers(layout)))
             runner = LocalRunner(models, settings.max_pixels, observe_batch)
         batcher = Batcher(runner, settings.max_batch_size, settings.max_latency_ms, settings.max_queue,
-                          settings.batching, in_flight=settings.batches_in_flight,
+                          settings.batching, in_flight=settings.in_flight(layout),
                           max_queue_bytes=settings.max_queue_bytes)
         HOLDER.api = Api(settings, cards, default, batcher,
                          on_reject=lambda error: REJECTED.labels(error=error).inc(),

@@ -478,6 +478,19 @@ def test_default_pixel_limit_is_the_preprocess_constant(monkeypatch: pytest.Monk
     assert Settings.from_env().max_pixels == 1234
 
 
+def test_batches_in_flight_auto_depends_on_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import Settings
+
+    monkeypatch.delenv("IMGCLF_BATCHES_IN_FLIGHT", raising=False)
+    settings = Settings.from_env()
+    assert (settings.in_flight("inprocess"), settings.in_flight("service")) == (1, 2)
+    monkeypatch.setenv("IMGCLF_BATCHES_IN_FLIGHT", "3")
+    assert Settings.from_env().in_flight("inprocess") == 3
+    monkeypatch.setenv("IMGCLF_BATCHES_IN_FLIGHT", "0")
+    with pytest.raises(SystemExit, match="IMGCLF_BATCHES_IN_FLIGHT"):
+        Settings.from_env()
+
+
 def raw_request(server: Server, head: bytes, body_chunks: Iterator[bytes] = iter(()), close_early: bool = False) -> bytes:
     """Send a hand-made HTTP/1.1 request over a socket; the raw answer (b"" if closed early)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
