@@ -64,7 +64,7 @@ def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: in
     seconds per image of the workers and of this (the collecting) process, which do not depend
     on what else the machine runs."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with DecodePool(workers, size, DEFAULT_MAX_PIXELS) as pool:
+    with DecodePool(workers, size, DEFAULT_MAX_PIXELS, batch_size=batch) as pool:
         for future in [pool.submit(files[:8]) for _ in range(max(workers, 1))]:
             future.result()  # every worker started and warm
         start, cpu = time.perf_counter(), time.process_time()

@@ -252,7 +252,8 @@ class LocalScorer:
         self.batch_size, self.max_pixels = batch_size, max_pixels
         self.ahead = max(2, 2 * workers)
         # workers first: they fork from a process with no model and no threads yet
-        self.pool = DecodePool(workers, self.card["input"]["size"], max_pixels, gpu_jpegs=decode == "gpu")
+        self.pool = DecodePool(workers, self.card["input"]["size"], max_pixels, gpu_jpegs=decode == "gpu",
+                               batch_size=batch_size)
         self.model: LoadedModel | None = None
         self.run: Callable[[np.ndarray], np.ndarray] = self._not_loaded
         self.gpu: GpuJpegDecoder | None = None

@@ -102,6 +102,32 @@ def test_pool_returns_batches_in_submission_order(cifar_folder: Path) -> None:
     assert np.array_equal(pixels, decode_batch(files, (32, 32)).pixels)
 
 
+def test_shared_memory_slots_give_the_pipes_bytes_and_are_reused(cifar_folder: Path, tmp_path: Path) -> None:
+    """Batches decoded into shared-memory slots equal the inline decode, bad files included; more
+    batches in flight than slots, or a batch larger than a slot, travel by pipe with the same result;
+    every slot is free again once its batch is collected."""
+    from service.decode_pool import _SlotFuture
+
+    files = [str(p) for p in sorted((cifar_folder / "test" / "deer").glob("*.jpg"))[:80]]
+    files[5] = str(tmp_path / "gone.jpg")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    files[13] = str(tmp_path / "bad.jpg")
+    chunks = [files[i:i + 8] for i in range(0, 64, 8)] + [files[64:80]]  # the last one is 16 > 8
+    with DecodePool(2, (32, 32), batch_size=8) as pool:
+        assert len(pool.slots) == 6
+        futures = [pool.submit(chunk) for chunk in chunks]  # 9 at once: 6 slots, then by pipe
+        kinds = [isinstance(f, _SlotFuture) for f in futures]
+        batches = [f.result() for f in futures]
+        assert sorted(pool._free) == list(range(6))
+    assert kinds == [True] * 6 + [False] * 3
+    for chunk, batch in zip(chunks, batches):
+        inline = decode_batch(chunk, (32, 32))
+        assert batch.good == inline.good and batch.errors == inline.errors
+        assert np.array_equal(batch.pixels, inline.pixels)
+    assert [e for _, e, _ in batches[0].errors] == ["unreadable_file"]
+    assert [e for _, e, _ in batches[1].errors] == ["not_an_image"]
+
+
 def test_workers_setting() -> None:
     import os
 
