@@ -163,8 +163,11 @@ def multipart_boundary(headers: dict[bytes, bytes]) -> bytes:
     return boundary
 
 
-async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Settings) -> Form:
-    """Stream the body into the multipart parser, enforcing the size limit and the body timeout."""
+async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Settings,
+                    budget: Batcher | None = None) -> Form:
+    """Stream the body into the multipart parser, enforcing the size limit and the body timeout;
+    with ``budget``, the bytes received count against the worker's upload-byte cap while they are
+    read (503 ``overloaded`` past it, :meth:`~service.engine.Batcher.hold_reading`)."""
     limit = settings.max_body_bytes
     too_large = Rejected(413, "body_too_large", f"request body exceeds {limit} bytes (IMGCLF_MAX_BODY_BYTES)")
     try:
@@ -179,7 +182,7 @@ async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Set
         parser = MultipartParser(boundary, form.callbacks(), max_header_size=MAX_PART_HEADER)
     except FormParserError as exc:
         raise Rejected(400, "invalid_multipart", str(exc)) from None
-    received = 0
+    received = held = 0
     try:
         async with asyncio.timeout(settings.body_timeout_s):
             while True:
@@ -190,6 +193,11 @@ async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Set
                 received += len(chunk)
                 if received > limit:
                     raise too_large
+                if budget is not None and chunk:
+                    held += len(chunk)
+                    if (refused := budget.hold_reading(len(chunk), held)) is not None:
+                        raise Rejected(503, "overloaded", refused.detail,
+                                       {"Retry-After": str(refused.retry_after_s)})
                 if chunk:
                     parser.write(chunk)
                 if not message.get("more_body", False):
@@ -201,6 +209,9 @@ async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Set
                        "(IMGCLF_BODY_TIMEOUT_S)") from None
     except FormParserError as exc:
         raise Rejected(400, "invalid_multipart", f"malformed multipart body: {exc}") from None
+    finally:
+        if budget is not None:
+            budget.release_reading(held)
     return form
 
 
@@ -338,7 +349,7 @@ class Endpoint:
                 raise Rejected(405, "method_not_allowed", f"{self.path} takes POST", {"Allow": "POST"})
             if (refused := api.batcher.refusal(1)) is not None:  # overloaded: refuse before reading
                 raise Rejected(503, "overloaded", refused.detail, {"Retry-After": str(refused.retry_after_s)})
-            form = await read_form(receive, headers, api.settings)
+            form = await read_form(receive, headers, api.settings, api.batcher)
             body = await self.answer(api, form, receive)
             api.on_answer(self.path, 200)
             if isinstance(body, bytes):  # /explain: a PNG

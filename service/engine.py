@@ -15,7 +15,8 @@ is decoded and run with **one** call of the runner:
 The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated from the
 images ahead of it, the batches they will form and a fitted batch cost, :class:`BatchCost`), that
 finds ``max_queue`` images waiting,
-or whose uploads would take the bytes waiting past ``max_queue_bytes``, is refused at once with
+or whose uploads would take the bytes waiting past ``max_queue_bytes`` (bodies still being received
+count too: :meth:`Batcher.hold_reading`), is refused at once with
 :class:`Overloaded` (the API answers 503 + ``Retry-After``); a request still queued when its wait
 passes the cap, or whose client has gone, is dropped before it runs.
 """
@@ -205,6 +206,7 @@ class Batcher:
         self.in_flight = 0  # images in batches being run
         self.running = 0  # batches being run
         self.waiting_bytes = 0  # upload bytes queued or in batches being run
+        self.reading_bytes = 0  # request bytes received by this worker's endpoints, not yet queued
         self.cost = BatchCost()  # fitted run time of a batch by its size
         self.batches = 0  # batches run (one runner call each)
         self.dropped = 0  # jobs dropped before running: client gone or waited past the cap
@@ -238,6 +240,23 @@ class Batcher:
             return Overloaded(f"expected queue wait {wait * 1000:.0f} ms exceeds IMGCLF_MAX_LATENCY_MS="
                               f"{self.max_wait_s * 1000:.0f}", max(1, math.ceil(wait)))
         return None
+
+    def hold_reading(self, nbytes: int, own: int) -> Overloaded | None:
+        """Count ``nbytes`` more of a request body being received (``own``: that request's bytes so
+        far, these included; :meth:`release_reading` gives them back). Bodies being received count
+        against ``max_queue_bytes`` with the queued uploads, so the upload bytes a worker holds stay
+        under the cap plus one body however many clients upload at once; past it the request is
+        refused (the caller answers 503), unless it is the only one holding bytes."""
+        self.reading_bytes += nbytes
+        held = self.waiting_bytes + self.reading_bytes
+        if self.max_queue_bytes and held > self.max_queue_bytes and held > own:
+            return Overloaded(f"{held} bytes of uploads are held in this worker, being received or queued "
+                              f"(IMGCLF_MAX_QUEUE_BYTES={self.max_queue_bytes})",
+                              max(1, math.ceil(self.expected_wait_s(0))))
+        return None
+
+    def release_reading(self, nbytes: int) -> None:
+        self.reading_bytes -= nbytes
 
     def submit(self, model: str, blobs: Sequence[bytes], size: tuple[int, int]) -> list[asyncio.Future[Any]]:
         """Queue one job per blob; raises :class:`Overloaded` when the queue cannot take them."""

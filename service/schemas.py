@@ -67,7 +67,8 @@ CLASSIFY_ERRORS: dict[int, tuple[str, list[str]]] = {
           ["body_too_large", "image_too_large", "too_many_files"]),
     415: ("the body is not multipart/form-data", ["unsupported_media_type"]),
     503: ("overloaded: the request would wait longer than IMGCLF_MAX_LATENCY_MS (or find "
-          "IMGCLF_MAX_QUEUE images or IMGCLF_MAX_QUEUE_BYTES bytes of uploads queued); retry after "
+          "IMGCLF_MAX_QUEUE images queued, or IMGCLF_MAX_QUEUE_BYTES bytes of uploads being received or "
+          "queued); retry after "
           "`Retry-After` seconds", ["overloaded"]),
 }
 

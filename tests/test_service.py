@@ -829,10 +829,13 @@ def test_explain_unknown_class_gets_400(server: Server, wrong: str) -> None:
 
 # --- start-up, configuration, documentation ---------------------------------------------------------
 
+QUEUE_BYTES = 1_000_000  # lone_model_server's IMGCLF_MAX_QUEUE_BYTES
+
+
 @pytest.fixture(scope="module")
 def lone_model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A registry with one model (catsdogs), no IMGCLF_DEFAULT_MODEL, one worker, a short body
-    timeout, a small queue; started the way a ``pip --target`` install runs: an interpreter with no
+    timeout, a small queue (8 images, 1 MB of uploads); started the way a ``pip --target`` install runs: an interpreter with no
     ``bentoml`` script beside it, the packages on PYTHONPATH."""
     import site
     import sysconfig
@@ -843,7 +846,8 @@ def lone_model_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serv
     packages = os.pathsep.join([sysconfig.get_paths()["purelib"], *site.getsitepackages()])
     srv = Server({"IMGCLF_MODELS_DIR": str(SHIPPED_MODELS), "IMGCLF_MODELS": "catsdogs",
                   "IMGCLF_DEFAULT_MODEL": "", "IMGCLF_API_WORKERS": "1", "IMGCLF_BODY_TIMEOUT_S": "2",
-                  "IMGCLF_MAX_QUEUE": "8", "PYTHONPATH": packages, "PATH": "/usr/bin:/bin"},
+                  "IMGCLF_MAX_QUEUE": "8", "IMGCLF_MAX_QUEUE_BYTES": str(QUEUE_BYTES),
+                  "PYTHONPATH": packages, "PATH": "/usr/bin:/bin"},
                  python=str(bare / "python"))
     yield srv
     srv.stop()
@@ -874,6 +878,39 @@ def test_request_larger_than_the_queue_gets_503_with_retry_after(lone_model_serv
     response = post(lone_model_server, files, path="/classify_batch")
     assert response.status_code == 503 and response.json()["error"] == "overloaded", response.text
     assert int(response.headers["retry-after"]) >= 1
+
+
+def test_bodies_being_received_count_against_the_upload_byte_cap(lone_model_server: Server) -> None:
+    """While one client is still sending 800 KB, a second 300 KB upload would take the bytes the
+    worker holds past IMGCLF_MAX_QUEUE_BYTES (1 MB): 503 overloaded with Retry-After. Once the first
+    has gone (its body timed out), the same upload is served. Before, bodies being received counted
+    against nothing: 1,000 clients uploading 8 MiB each could make a worker hold 8 GiB."""
+    photo = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (330, 330, 3), np.uint8)))
+    assert 250_000 < len(photo) < 400_000
+    big = multipart("image", b"\0" * 900_000)
+    with socket.create_connection(("127.0.0.1", lone_model_server.port), timeout=30) as slow:
+        slow.sendall(head("/classify", extra=f"Content-Length: {len(big)}\r\n") + big[:800_000])
+        time.sleep(0.5)  # received by the worker, the body not complete (it times out after 2 s)
+        refused = post(lone_model_server, {"image": ("x.png", photo)})
+        answer = b""
+        while data := slow.recv(65536):
+            answer += data
+    assert refused.status_code == 503 and refused.json()["error"] == "overloaded", refused.text
+    assert "IMGCLF_MAX_QUEUE_BYTES" in refused.json()["detail"] and int(refused.headers["retry-after"]) >= 1
+    assert status_and_json(answer)[0] == 408
+    served = post(lone_model_server, {"image": ("x.png", photo)})
+    assert served.status_code == 200, served.text
+
+
+def test_a_lone_body_is_never_refused_for_its_bytes() -> None:
+    from service.engine import Batcher
+
+    queue = Batcher(GatedRunner(), max_batch_size=8, max_latency_ms=1000, max_queue=100, max_queue_bytes=10)
+    assert queue.hold_reading(12, own=12) is None  # over the cap, but nobody else holds bytes
+    refused = queue.hold_reading(3, own=3)  # a second body while the first is still held
+    assert refused is not None and "IMGCLF_MAX_QUEUE_BYTES=10" in refused.detail
+    queue.release_reading(15)
+    assert queue.reading_bytes == 0 and queue.hold_reading(5, own=5) is None
 
 
 def test_bentoml_serve_with_a_bad_registry_prints_one_line(tmp_path: Path) -> None:
