@@ -26,13 +26,16 @@ only when the scoring CLI itself could not run (exit code >= 2). JSON keys: ``im
 as its summary line reports it: the figure issue 12's GPU targets are about);
 ``end_to_end_images_per_s`` (images / seconds); ``model_images_per_s``; ``ratio`` (end to end /
 model: issue 12's CPU target, >= 0.75); ``loop_ratio``; ``decode_only`` (``workers`` [1, N],
-``images_per_s``, ``speedup``); ``load_average_1m_before_after``; the settings used.
+``images_per_s``, ``speedup``, ``machine_speedup``: pure-Python work alternated with the decode
+rounds, what the machine itself gave N processes against one); ``load_average_1m_before_after``;
+the settings used.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -59,10 +62,13 @@ from service.score import LocalScorer, walk_files  # noqa: E402
 DECODE_FILES = 20_000
 
 
-def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: int) -> tuple[float, np.ndarray, dict]:
-    """Steady-state images/s of ``workers`` decode processes over ``files``; the images; and CPU
-    seconds per image of the workers and of this (the collecting) process, which do not depend
-    on what else the machine runs."""
+def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: int,
+                keep: bool = False) -> tuple[float, np.ndarray | None, dict]:
+    """Steady-state images/s of ``workers`` decode processes over ``files``; the images (with
+    ``keep``, else None: each batch is dropped once received, as the scorer drops it after its
+    model call, so the measurement does not include growing this process by every batch); and
+    CPU seconds per image of the workers and of this (the collecting) process, which do not
+    depend on what else the machine runs."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     with DecodePool(workers, size, DEFAULT_MAX_PIXELS, batch_size=batch) as pool:
         for future in [pool.submit(files[:8]) for _ in range(max(workers, 1))]:
@@ -73,14 +79,33 @@ def decode_rate(files: list[str], size: tuple[int, int], workers: int, batch: in
         pending = [pool.submit(c) for c in chunks[:ahead]]
         parts = []
         for i in range(len(chunks)):
-            parts.append(pending.pop(0).result().pixels)
+            pixels = pending.pop(0).result().pixels
+            if keep:
+                parts.append(pixels)
             if i + ahead < len(chunks):
                 pending.append(pool.submit(chunks[i + ahead]))
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers have exited: their CPU is in
     worker_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
-    return len(files) / seconds, np.concatenate(parts), {
+    return len(files) / seconds, np.concatenate(parts) if keep else None, {
         "worker_cpu_us_per_image": worker_cpu / len(files) * 1e6, "parent_cpu_us_per_image": cpu / len(files) * 1e6}
+
+
+def _spin(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def machine_rate(workers: int, tasks_per_worker: int = 4, n: int = 1_000_000) -> float:
+    """Tasks/s of ``workers`` processes running fixed pure-Python work: what this machine gives
+    N processes against one right now (on a shared VM well under N; the decode speedup's ceiling)."""
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(_spin, [1000] * workers)  # started
+        start = time.perf_counter()
+        pool.map(_spin, [n] * (workers * tasks_per_worker), chunksize=1)
+        return workers * tasks_per_worker / (time.perf_counter() - start)
 
 
 def model_rate(scorer: LocalScorer, images: np.ndarray, batch: int) -> float:
@@ -160,13 +185,14 @@ def main() -> int:
         rates: dict[int, list[float]] = {1: [], many: []}
         decode_files = files[:DECODE_FILES]
         cpu: dict[int, list[dict]] = {1: [], many: []}
+        machine: dict[int, list[float]] = {1: [], many: []}
         for _ in range(args.decode_rounds):
             for n in (1, many):
-                rate, images, used = decode_rate(decode_files, size, n, batch)
+                rate, _, used = decode_rate(decode_files, size, n, batch)
                 rates[n].append(rate)
                 cpu[n].append(used)
-        if len(decode_files) < len(files):  # the model stage runs on every file
-            images = decode_rate(files, size, many, batch)[1]
+                machine[n].append(machine_rate(n))
+        images = decode_rate(files, size, many, batch, keep=True)[1]  # the model stage runs on every file
         # CPU per image, median over rounds: p = workers' decode work, s = the collecting process's
         worker_us = float(np.median([u["worker_cpu_us_per_image"] for u in cpu[many]]))
         parent_us = float(np.median([u["parent_cpu_us_per_image"] for u in cpu[many]]))
@@ -215,7 +241,11 @@ def main() -> int:
                         # N workers on N otherwise idle cores, the collecting process sharing them:
                         # N * p / (p + s) times one worker (which has a core to itself, and the
                         # collector another); an estimate from CPU times, not a measurement
-                        "speedup_expected_on_idle_cores": round(many * worker_us / (worker_us + parent_us), 3)},
+                        "speedup_expected_on_idle_cores": round(many * worker_us / (worker_us + parent_us), 3),
+                        # the same alternation with pure-Python work in 1 and N processes: what the
+                        # machine itself gave N processes during the run (best of each)
+                        "machine_speedup": round(max(machine[many]) / max(machine[1]), 3),
+                        "machine_all_runs": {str(k): [round(r, 2) for r in v] for k, v in machine.items()}},
         "cli_exit_code": code, "cli_summary": last_line,
         "ratios_of_all_trials": [round(t["ratio"], 3) for t in trials],
         "load_average_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
@@ -226,6 +256,8 @@ def main() -> int:
     print(f"{f'decode only, {many} worker processes':<46}{max(rates[many]):>12.0f}   ({speedup:.2f}x)")
     print(f"{'':<46}{'':>12}   (CPU per image: workers {worker_us:.1f} us, collector {parent_us:.1f} us;"
           f" {result['decode_only']['speedup_expected_on_idle_cores']:.2f}x expected on {many} idle cores)")
+    print(f"{'':<46}{'':>12}   (pure-Python work in the same rounds: {many} processes "
+          f"{result['decode_only']['machine_speedup']:.2f}x one, the machine's own ceiling)")
     print(f"{'model alone, batched (mean of before/after)':<46}{model:>12.0f}")
     print(f"{'service.score, its scoring loop (as it reports)':<46}{loop:>12.0f}   ({result['loop_ratio']:.2f} of the model)")
     print(f"{'service.score, process start to exit':<46}{end_to_end:>12.0f}"

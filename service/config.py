@@ -167,6 +167,7 @@ class Settings:
 
     def threads_per_worker(self, workers: int) -> int:
         """Inference threads per model call in an API worker (``IMGCLF_ENGINE_THREADS``, else the
-        cores split between the workers). Measured on 2 cores with 2 batches in flight: 2 threads
-        serve the shipped ResNet-20 best, 1 thread a ResNet-18 (docs/BENCHMARKS.md)."""
+        cores split between the workers). Measured on 2 cores with one batch in flight (the
+        in-process default): 2 threads serve both the shipped ResNet-20 and a ResNet-18 best
+        (docs/BENCHMARKS.md)."""
         return self.engine_threads or max(1, host_cores() // workers)
