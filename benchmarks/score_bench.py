@@ -15,7 +15,7 @@ Interface (``benchmarks/gpu_run.py`` calls it as a subprocess; keep it stable)::
 
     python benchmarks/score_bench.py --folder DIR --models-dir DIR --model NAME
         [--backend onnx|torchscript] [--device auto|cpu|cuda] [--workers auto|N]
-        [--batch-size N] [--limit N] [--repeats R] [--decode-rounds R] [--json OUT.json]
+        [--batch-size N] [--limit N] [--repeats R] [--decode-rounds R] [--decode-files N] [--json OUT.json]
 
 Options left out are left out of the CLI run too (its defaults apply: ONNX, device auto, workers
 auto, batch 256); the model stage uses the same values. ``--limit N`` scores the first N files
@@ -28,7 +28,7 @@ as its summary line reports it: the figure issue 12's GPU targets are about);
 model: issue 12's CPU target, >= 0.75); ``loop_ratio``; ``decode_only`` (``workers`` [1, N],
 ``images_per_s``, ``speedup``, ``machine_speedup``: pure-Python work alternated with the decode
 rounds, what the machine itself gave N processes against one); ``load_average_1m_before_after``;
-the settings used.
+the settings used, and ``model_device``, where the model stage really ran (``cpu`` or ``cuda``).
 """
 
 from __future__ import annotations
@@ -159,6 +159,8 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--limit", type=int, help="score only the first N files")
     parser.add_argument("--decode-rounds", type=int, default=2, help="decode-only passes per variant (best counts)")
+    parser.add_argument("--decode-files", type=int, default=DECODE_FILES,
+                        help=f"files in each decode-only pass (the first N; default {DECODE_FILES:,})")
     parser.add_argument("--repeats", type=int, default=1, help="end-to-end trials (model, CLI, model each); "
                         "the median trial is reported")
     parser.add_argument("--json", type=Path)
@@ -183,7 +185,7 @@ def main() -> int:
         # 1. decode only, 1 worker vs N, alternated (at most DECODE_FILES files, to bound the time)
         many = max(workers, 2)
         rates: dict[int, list[float]] = {1: [], many: []}
-        decode_files = files[:DECODE_FILES]
+        decode_files = files[:args.decode_files]
         cpu: dict[int, list[dict]] = {1: [], many: []}
         machine: dict[int, list[float]] = {1: [], many: []}
         for _ in range(args.decode_rounds):
@@ -224,6 +226,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {available_cores()} cores ({os.cpu_count()} online)",
         "folder": str(args.folder or folder), "model": args.model,
         "backend": args.backend or "onnx (default)", "device": args.device or "auto (default)",
+        "model_device": scorer.model.backend.device if scorer.model else None,  # where it ran: cpu or cuda
         "workers": workers, "batch_size": batch,
         "images": len(files),
         "seconds": round(seconds, 3),  # process start to exit

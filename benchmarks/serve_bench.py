@@ -33,6 +33,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -256,6 +257,8 @@ def main() -> int:
     parser.add_argument("--paths", nargs="+", default=["/classify", "/classify_batch", "/livez"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    # SIGTERM (a caller's time limit) unwinds like Ctrl-C: the server this started is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     jpegs = sample_jpegs(256)
     fields = {"model": args.model}
@@ -293,6 +296,8 @@ def main() -> int:
                                                              c, args.duration, images, pid)}
                         report["runs"].append(row)
                         print(json.dumps(row), flush=True)
+                        if args.json:  # after every measurement: a run cut short keeps what it measured
+                            args.json.write_text(json.dumps(report, indent=2))
             finally:
                 if proc is not None:
                     stop_server(proc)

@@ -81,13 +81,15 @@ def timeout_s() -> int:
 
 def bentoml_options() -> dict[str, Any]:
     """What BentoML needs when it loads the service module, before any service object exists: the
-    decorators' timeout, access-log and tracing switches, and the engine and device settings, which
-    decide the layout (whether the engine service is part of the graph) and so the worker count."""
+    decorators' timeout, access-log and tracing switches, and the engine, device and backend
+    settings, which decide the layout (whether the engine service is part of the graph) and so the
+    worker count."""
     return {"timeout_s": timeout_s(),
             "access_log": _int("IMGCLF_ACCESS_LOG", 0) == 1,
             "tracing": _int("IMGCLF_TRACING", 0) == 1,
             "engine": _choice("IMGCLF_ENGINE", "auto", ("auto", "inprocess", "service")),
-            "device": _choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda"))}
+            "device": _choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda")),
+            "backend": _choice("IMGCLF_BACKEND", "onnx", ("onnx", "torchscript"))}
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,12 @@ class OnnxBackend:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in available and cuda_usable():
-            providers.insert(0, "CUDAExecutionProvider")
+            # cuDNN's heuristic choice of convolution algorithm: the default exhaustive search
+            # benchmarks every convolution again for each new input shape, and adaptive batching
+            # makes many (a stall of up to seconds on the first batch of each size)
+            providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
         elif device == "cuda":
             raise RegistryError("IMGCLF_DEVICE=cuda but ONNX Runtime has no usable CUDA provider")
         options = ort.SessionOptions()
@@ -132,6 +135,18 @@ class TorchScriptBackend:
             if self.device == "cuda":
                 x = x.half().contiguous(memory_format=torch.channels_last)
             return self.module(x).float().cpu().numpy()
+
+
+def gpu_backend_usable(backend: str) -> bool:
+    """Whether ``backend`` (onnx | torchscript) can run on a CUDA GPU here: a usable GPU, and for
+    ONNX Runtime its CUDA provider (a CPU-only onnxruntime on a GPU host runs on the CPU)."""
+    if not cuda_usable():
+        return False
+    if backend == "onnx":
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    return True
 
 
 def cuda_usable() -> bool:

@@ -33,7 +33,7 @@ from service.app import Api, ApiHolder, LineFeedPaths, build_app
 from service.config import Settings, api_workers, bentoml_options
 from service.engine import Batcher, Explainer, LocalRunner, RemoteRunner, run_models, warm_up
 from service.logs import configure_logging
-from service.registry import LoadedModel, RegistryError, cuda_usable, load_cards, load_registry
+from service.registry import LoadedModel, RegistryError, gpu_backend_usable, load_cards, load_registry
 from service.schemas import openapi_document
 
 logger = logging.getLogger("imgclf.service")
@@ -62,10 +62,11 @@ def observe_batch(model: str, size: int) -> None:
     IMAGES.labels(model=model).inc(size)
 
 
-def engine_layout(engine: str, device: str) -> str:
+def engine_layout(engine: str, device: str, backend: str) -> str:
+    """``IMGCLF_ENGINE``; ``auto``: the engine service where the backend can run on a GPU here."""
     if engine != "auto":
         return engine
-    return "service" if device != "cpu" and cuda_usable() else "inprocess"
+    return "service" if device != "cpu" and gpu_backend_usable(backend) else "inprocess"
 
 
 def load_models(settings: Settings, layout: str, threads: int) -> dict[str, LoadedModel]:
@@ -74,11 +75,15 @@ def load_models(settings: Settings, layout: str, threads: int) -> dict[str, Load
     for name, model in models.items():
         logger.info("model ready: model=%s version=%s backend=%s device=%s engine=%s", name,
                     model.version, model.backend_name, model.backend.device, layout)
+        if layout == "service" and model.backend.device != "cuda":
+            logger.warning("model %s runs on the %s in the engine service: the GPU layout without a GPU "
+                           "(set IMGCLF_ENGINE=inprocess, or check the backend's CUDA libraries)",
+                           name, model.backend.device)
     return models
 
 
 _OPTIONS = bentoml_options()  # what BentoML's decorators need (see module doc)
-LAYOUT = engine_layout(_OPTIONS["engine"], _OPTIONS["device"])
+LAYOUT = engine_layout(_OPTIONS["engine"], _OPTIONS["device"], _OPTIONS["backend"])
 # The processes BentoML starts from this one inherit the decision (and skip the CUDA probe, which
 # imports torch: once per start, not once per worker).
 os.environ["IMGCLF_ENGINE"] = LAYOUT
@@ -142,7 +147,7 @@ class ImageClassifier:
         configure_logging(settings.log_format, settings.log_level)
         cards = load_cards(settings.models_dir, settings.models, settings.backend)
         default = load_cards_default(settings, cards)
-        layout = engine_layout(settings.engine, settings.device)
+        layout = engine_layout(settings.engine, settings.device, settings.backend)
         if layout == "service":
             runner: Any = RemoteRunner(self._engine_call, settings.max_pixels)
             logger.info("models run in the inference-engine service (engine=service)")

@@ -101,3 +101,30 @@ def test_default_rate_follows_the_batch_size_and_the_optimizer() -> None:
     assert parse_args(["--optimizer", "adam", "--batch-size", "256", "--out", "x"]).lr == pytest.approx(0.002)
     assert parse_args(["--lr", "0.03", "--batch-size", "512", "--out", "x"]).lr == 0.03
     assert parse_args(["--out", "x"]).warmup == 0.0 and parse_args(["--schedule", "onecycle", "--out", "x"]).warmup == 0.15
+
+
+def small_net() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+
+
+def test_compile_probe_falls_back_to_eager_and_leaves_no_trace(capsys: pytest.CaptureFixture) -> None:
+    """A compiler stack that fails (here a backend that raises, on a GPU host e.g. Triton without a
+    C compiler) leaves training eager with a warning, not dead at its first step; a working one is
+    kept. Either way the probe's step changes no weight, gradient or BatchNorm statistic."""
+    from training.train import compile_checked
+
+    def broken(graph, inputs):
+        raise RuntimeError("no compiler on this host")
+
+    torch.manual_seed(0)
+    example = torch.randn(5, 3, 8, 8)
+    for backend, fell_back in ((broken, True), ("eager", False)):
+        net = small_net()
+        before = {k: v.clone() for k, v in net.state_dict().items()}
+        runner = compile_checked(net, example, backend=backend)
+        assert (runner is net) == fell_back
+        assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+        assert all(p.grad is None for p in net.parameters())
+        assert torch.allclose(runner(example), net(example))
+    assert "torch.compile failed here" in capsys.readouterr().err

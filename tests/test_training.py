@@ -21,6 +21,33 @@ def test_extract_archive_is_idempotent_and_outside_repo(cifar_folder: Path) -> N
     assert D.extract_archive(D.shared_datasets_dir() / "cifar10-jpeg.tar.gz") == cifar_folder.parent
 
 
+def test_plain_members_refuse_what_the_data_filter_refuses(tmp_path: Path) -> None:
+    """The extraction path for Pythons without tarfile's "data" filter keeps its refusals."""
+    import io
+    import tarfile
+
+    def archive(name: str, *, link: bool = False) -> tarfile.TarFile:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.tar"
+        with tarfile.open(path, "w") as tar:
+            ok = tarfile.TarInfo("data/a.jpg")
+            ok.size = 3
+            tar.addfile(ok, io.BytesIO(b"abc"))
+            bad = tarfile.TarInfo(name)
+            if link:
+                bad.type, bad.linkname = tarfile.SYMTYPE, "/etc/passwd"
+                tar.addfile(bad)
+            else:
+                bad.size = 1
+                tar.addfile(bad, io.BytesIO(b"x"))
+        return tarfile.open(path)
+
+    with archive("data/b.jpg") as tar:
+        assert [m.name for m in D.plain_members(tar)] == ["data/a.jpg", "data/b.jpg"]
+    for name, link in (("../evil", False), ("/abs", False), ("data/link", True)):
+        with archive(name, link=link) as tar, pytest.raises(ValueError, match="refusing"):
+            D.plain_members(tar)
+
+
 def test_read_class_folders_labels_match_folders(cifar_folder: Path) -> None:
     classes = ("cat", "dog")
     subset = cifar_folder / "test"
@@ -246,3 +273,9 @@ def test_training_without_the_tensorboard_package_warns_and_goes_on(tmp_path: Pa
     asked = subprocess.run([sys.executable, "-c", code, *args, "--tensorboard", str(tmp_path / "tb"),
                             "--out", str(tmp_path / "b")], cwd=repo, capture_output=True, text=True)
     assert asked.returncode != 0 and "--tensorboard needs the tensorboard package" in asked.stderr
+    # tensorboard without matplotlib: the events are written, the prediction figure is left out
+    no_plots = code.replace("sys.modules['tensorboard'] = None\n", "")
+    done = subprocess.run([sys.executable, "-c", no_plots, *args, "--out", str(tmp_path / "c")], cwd=repo,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "warning: no prediction figures" in done.stderr, done.stderr[-2000:]
+    assert list((tmp_path / "c" / "tensorboard").glob("events.out.tfevents.*"))

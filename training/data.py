@@ -52,6 +52,17 @@ def shared_datasets_dir() -> Path:
     return Path(os.environ.get("IMGCLF_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
 
 
+def plain_members(tar: tarfile.TarFile) -> list[tarfile.TarInfo]:
+    """The archive's files and folders, refusing what the "data" extraction filter refuses:
+    absolute paths, paths that climb out, links and device files."""
+    members = tar.getmembers()
+    for member in members:
+        parts = Path(member.name).parts
+        if member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir()):
+            raise ValueError(f"{tar.name}: refusing archive member {member.name!r}")
+    return members
+
+
 def extract_archive(archive: Path) -> Path:
     """Extract a .tar.gz once into the cache; return the extraction folder."""
     digest = sha256_file(archive)
@@ -62,7 +73,10 @@ def extract_archive(archive: Path) -> Path:
     staging.chmod(0o755)
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(staging, filter="data")  # "data" refuses absolute paths and links out
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, filter="data")  # "data" refuses absolute paths and links out
+            else:  # Pythons before 3.10.12 / 3.11.4 (a GPU host's): the same refusals, by hand
+                tar.extractall(staging, members=plain_members(tar))
         (staging / ".complete").write_text(digest)
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)  # atomic: a half-extracted folder is never mistaken for a whole one

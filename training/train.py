@@ -282,16 +282,15 @@ def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
 def log_images(writer, model: nn.Module, evaluator: nn.Module, val_set: ImageSet, mean, std,
                classes: Iterable[str], epoch: int, count: int = 8) -> None:
     """The first-layer filters and ``count`` validation images with the predicted class and its
-    probability (green when right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    probability (green when right); without matplotlib, the filters only."""
+    plt = pyplot()
 
     classes = list(classes)
     filters = first_layer_filters(model)
     if filters is not None:
         writer.add_images("filters/first_layer", filters, epoch)
+    if plt is None:  # no matplotlib (a PyTorch-only host): the filters are logged, the figure is not
+        return
     sample = val_set.subset(torch.arange(min(count, len(val_set)), device=val_set.images.device))
     x, y = next(batches(sample, len(sample), mean, std))
     with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
@@ -307,15 +306,60 @@ def log_images(writer, model: nn.Module, evaluator: nn.Module, val_set: ImageSet
     writer.add_figure("validation/predictions", fig, epoch)
 
 
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with one warning) where matplotlib is absent."""
+    global _PYPLOT_WARNED
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        if not _PYPLOT_WARNED:
+            print(f"warning: no prediction figures in TensorBoard ({exc}); pip install matplotlib", file=sys.stderr)
+            _PYPLOT_WARNED = True
+        return None
+    return plt
+
+
+_PYPLOT_WARNED = False
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def maybe_compile(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    if mode == "on" or (mode == "auto" and device.type == "cuda"):
+def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor) -> nn.Module:
+    """``torch.compile(model)`` with ``--compile on``, or checked (:func:`compile_checked`) with
+    ``auto`` on CUDA; else the model itself."""
+    if mode == "on":
         return torch.compile(model)
+    if mode == "auto" and device.type == "cuda":
+        return compile_checked(model, example)
     return model
+
+
+def compile_checked(model: nn.Module, example: torch.Tensor, backend: Any = "inductor") -> nn.Module:
+    """The compiled model, after one forward and backward pass on ``example`` (a training batch);
+    where that fails (a host whose compiler toolchain Triton cannot use, say), the model itself,
+    with a warning: training goes on eagerly instead of dying at its first step. The probe's
+    effects on the weights, gradients and BatchNorm statistics are undone; the code it compiled
+    is what training reuses."""
+    compiled = torch.compile(model, backend=backend)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.autocast(example.device.type, torch.bfloat16, enabled=example.device.type == "cuda"):
+            loss = compiled(example).float().sum()
+        loss.backward()
+    except Exception as exc:  # any failure of the compiler stack: train eagerly
+        print(f"warning: torch.compile failed here ({type(exc).__name__}: {str(exc)[:300]}); "
+              "training runs without it", file=sys.stderr)
+        compiled = model
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(saved)
+    return compiled
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -348,7 +392,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.to(device).init_whitening(next(batches(sample, len(sample), data.mean, data.std))[0])
     model = model.to(device, memory_format=torch.channels_last)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # frozen layers stay frozen
-    runner = maybe_compile(model, args.compile, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
+    example = next(batches(train_set, min(args.batch_size, len(train_set)), data.mean, data.std))[0]
+    runner = maybe_compile(model, args.compile, device, example)
     evaluator = with_tta(runner, args.tta)
 
     steps_per_epoch = max(1, len(train_set) // args.batch_size)  # full batches only: one compiled shape
