@@ -22,6 +22,7 @@ Nothing here imports torch: on CPU hosts decoding costs no framework start-up.
 
 from __future__ import annotations
 
+import gc
 import mmap
 import multiprocessing
 import os
@@ -277,9 +278,19 @@ class DecodePool:
                 count = min(2 * workers + 2, SHARED_BYTES_CAP // slot_bytes)
                 self.slots = [mmap.mmap(-1, slot_bytes) for _ in range(count)]
                 self._free = list(range(count))
-            self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                                initargs=(self.slots,))
-            self.executor.submit(int)  # start the workers now, not at the first batch
+            # A forked worker must never run the destructors of what it inherits (an ONNX Runtime
+            # session's, say, waits on its thread pool, whose threads exist only in this process:
+            # a worker that garbage-collected one hung). So: collect here, where those threads
+            # live, and freeze the rest for the fork (Python's gc docs, "gc.freeze"): the workers'
+            # collections never look at inherited objects.
+            gc.collect()
+            gc.freeze()
+            try:
+                self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                                    initargs=(self.slots,))
+                self.executor.submit(int)  # start the workers now, not at the first batch (forks them)
+            finally:
+                gc.unfreeze()
 
     def release(self, slot: int) -> None:
         with self._lock:

@@ -128,6 +128,32 @@ def test_shared_memory_slots_give_the_pipes_bytes_and_are_reused(cifar_folder: P
     assert [e for _, e, _ in batches[1].errors] == ["not_an_image"]
 
 
+def test_garbage_is_collected_before_the_workers_fork(tmp_path: Path) -> None:
+    """An object left for the garbage collector (a reference cycle) is destroyed in this process
+    when the pool forks its workers, never in a worker: a worker that ran an inherited ONNX
+    Runtime session's destructor hung on that session's threads, which exist only here."""
+    import gc
+    import os
+
+    ran_in: list[int] = []
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            ran_in.append(os.getpid())
+
+    gc.disable()
+    try:
+        Cycle()  # garbage now, collected only by the cyclic collector
+        with DecodePool(1, (32, 32), batch_size=8) as pool:
+            assert ran_in == [os.getpid()]  # destroyed here, before the fork
+            pool.submit([]).result()
+    finally:
+        gc.enable()
+
+
 def test_workers_setting() -> None:
     import os
 
