@@ -8,8 +8,8 @@ batches (so decoding grows with a host's cores instead of sharing one interprete
   single-process reference path). Workers ignore SIGINT: Ctrl-C is the parent's to handle.
   Where workers are forked, they write the pixels into shared memory (slots mapped before the
   fork) and send back only the batch's bookkeeping, so the collecting process does not receive
-  and unpickle every image through a pipe (7-10 us an image on 2 cores, a sixth of a worker's
-  decoding: the ceiling on how decoding scales with processes).
+  and unpickle every image through a pipe (3-10 us an image on 2 cores, up to a sixth of a
+  worker's decoding: the ceiling on how decoding scales with processes).
 * Plain JPEGs (complete, 3 components, no EXIF/XMP/ICC segments; every CIFAR and cats-vs-dogs
   file) take :func:`plain_jpeg_pixels`: Pillow's libjpeg decoder without the Python header parse,
   then the service's resize; the same bytes as :func:`service.preprocess.decode_or_error`

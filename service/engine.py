@@ -14,11 +14,10 @@ is decoded and run with **one** call of the runner:
 
 The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated from the
 images ahead of it, the batches they will form and a fitted batch cost, :class:`BatchCost`), that
-finds ``max_queue`` images waiting,
-or whose uploads would take the bytes waiting past ``max_queue_bytes`` (bodies still being received
-count too: :meth:`Batcher.hold_reading`), is refused at once with
-:class:`Overloaded` (the API answers 503 + ``Retry-After``); a request still queued when its wait
-passes the cap, or whose client has gone, is dropped before it runs.
+finds ``max_queue`` images waiting, or whose uploads would take the bytes held past
+``max_queue_bytes`` (bodies still being received count too: :meth:`Batcher.hold_reading`), is
+refused at once with :class:`Overloaded` (the API answers 503 + ``Retry-After``); a request still
+queued when its wait passes the cap, or whose client has gone, is dropped before it runs.
 """
 
 from __future__ import annotations
