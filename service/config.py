@@ -65,14 +65,11 @@ def api_workers(layout: str) -> int:
     decode; with the models in the API workers (``inprocess``, CPU hosts) one worker per
     ``CORES_PER_INPROCESS_WORKER`` cores, each running the models on its share of the cores
     (measured on 2 cores: one worker with 2 inference threads beats two with one, docs/SERVING.md)."""
-    raw = (os.environ.get("IMGCLF_API_WORKERS") or "auto").strip()
-    if raw == "auto":
-        cores = host_cores()
-        return cores if layout == "service" else max(1, cores // CORES_PER_INPROCESS_WORKER)
-    workers = _int("IMGCLF_API_WORKERS", 1)
-    if workers < 1:
-        raise SystemExit(f"IMGCLF_API_WORKERS={raw!r}: expected a positive integer or 'auto'")
-    return workers
+    workers = _auto_int("IMGCLF_API_WORKERS")
+    if workers:
+        return workers
+    cores = host_cores()
+    return cores if layout == "service" else max(1, cores // CORES_PER_INPROCESS_WORKER)
 
 
 def timeout_s() -> int:

@@ -153,6 +153,7 @@ class BatchCost:
     def __init__(self, decay: float = 0.9) -> None:
         self.decay = decay
         self.weight = self.size = self.size2 = self.time = self.size_time = 0.0  # weighted sums
+        self._terms: tuple[float, float] | None = None  # the fit, redone once per observed batch
 
     def observe(self, size: int, seconds: float) -> None:
         d = self.decay
@@ -161,12 +162,14 @@ class BatchCost:
         self.size2 = d * self.size2 + size * size
         self.time = d * self.time + seconds
         self.size_time = d * self.size_time + size * seconds
+        self._terms = self._fit()
 
     def terms(self) -> tuple[float, float] | None:
         """(overhead, per_image) in seconds, both >= 0; None when the sizes seen so far do not
         separate them (or nothing has been seen)."""
-        if not self.weight:
-            return None
+        return self._terms
+
+    def _fit(self) -> tuple[float, float] | None:
         mean_n, mean_t = self.size / self.weight, self.time / self.weight
         var_n = self.size2 / self.weight - mean_n * mean_n
         if var_n <= 1e-6 * max(1.0, mean_n * mean_n):
@@ -183,11 +186,10 @@ class BatchCost:
         """Predicted run time of a batch of ``size`` images (0 before any batch has run)."""
         if size <= 0 or not self.weight:
             return 0.0
-        terms = self.terms()
-        if terms is None:
+        if self._terms is None:
             mean_n, mean_t = self.size / self.weight, self.time / self.weight
             return min(mean_t, mean_t * size / mean_n)
-        return terms[0] + terms[1] * size
+        return self._terms[0] + self._terms[1] * size
 
 
 class Batcher:
@@ -222,6 +224,10 @@ class Batcher:
             work += self.running * self.cost.seconds(math.ceil(self.in_flight / self.running))
         return work / self.in_flight_limit
 
+    def retry_after_s(self) -> int:
+        """The ``Retry-After`` of a refusal: the queue's expected drain time, at least 1 s."""
+        return max(1, math.ceil(self.expected_wait_s(0)))
+
     def refusal(self, images: int, nbytes: int = 0) -> Overloaded | None:
         """Why ``images`` more images (``nbytes`` of uploads) cannot be queued now (None: they can).
         Cheap: the endpoint asks (with ``nbytes`` 0) before reading a request's body, so refusing
@@ -229,11 +235,11 @@ class Batcher:
         waiting = len(self.queue) + self.in_flight
         if waiting + images > self.max_queue:
             return Overloaded(f"{waiting} images are queued in this worker (IMGCLF_MAX_QUEUE={self.max_queue})",
-                              max(1, math.ceil(self.expected_wait_s(0))))
+                              self.retry_after_s())
         if self.max_queue_bytes and waiting and self.waiting_bytes + nbytes > self.max_queue_bytes:
             return Overloaded(f"{self.waiting_bytes} bytes of uploads are queued in this worker "
                               f"(IMGCLF_MAX_QUEUE_BYTES={self.max_queue_bytes})",
-                              max(1, math.ceil(self.expected_wait_s(0))))
+                              self.retry_after_s())
         wait = self.expected_wait_s(images)
         if wait > self.max_wait_s and waiting:
             return Overloaded(f"expected queue wait {wait * 1000:.0f} ms exceeds IMGCLF_MAX_LATENCY_MS="
@@ -251,7 +257,7 @@ class Batcher:
         if self.max_queue_bytes and held > self.max_queue_bytes and held > own:
             return Overloaded(f"{held} bytes of uploads are held in this worker, being received or queued "
                               f"(IMGCLF_MAX_QUEUE_BYTES={self.max_queue_bytes})",
-                              max(1, math.ceil(self.expected_wait_s(0))))
+                              self.retry_after_s())
         return None
 
     def release_reading(self, nbytes: int) -> None:
@@ -286,7 +292,7 @@ class Batcher:
                 self.waiting_bytes -= len(job.data)
                 job.future.set_exception(Overloaded(
                     f"waited {(now - job.queued_at) * 1000:.0f} ms in the queue (IMGCLF_MAX_LATENCY_MS)",
-                    max(1, math.ceil(self.expected_wait_s(0)))))
+                    self.retry_after_s()))
                 continue
             batch.append(job)
         return batch
