@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,15 +16,24 @@ from typing import Iterator
 
 import httpx
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = Path(os.environ.get("IMGCLF_DATASETS", REPO.parent / "shared" / "datasets"))
 CIFAR_ARCHIVE = DATASETS / "cifar10-jpeg.tar.gz"
 CATSDOGS_ARCHIVE = DATASETS / "catsdogs.tar.gz"
 SHIPPED_MODELS = REPO / "models"
+CIFAR_CARD = json.loads((SHIPPED_MODELS / "cifar10" / "card.json").read_text())
 
 # Tests share one cache of extracted archives and decoded tensors, outside the repository.
 os.environ.setdefault("IMGCLF_CACHE", str(Path.home() / ".cache" / "imgclf"))
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    """An image's file bytes in ``fmt`` (Pillow's encoder)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
 
 
 def need(path: Path) -> Path:

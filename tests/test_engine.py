@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHIPPED_MODELS
-
-CIFAR_CARD = json.loads((SHIPPED_MODELS / "cifar10" / "card.json").read_text())
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
+from conftest import CIFAR_CARD, SHIPPED_MODELS, encode
 
 class GatedRunner:
     """A runner for :class:`service.engine.Batcher` that holds each batch until released and

@@ -21,16 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHIPPED_MODELS, Server, free_port
-
-CIFAR_CARD = json.loads((SHIPPED_MODELS / "cifar10" / "card.json").read_text())
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
+from conftest import CIFAR_CARD, REPO, SHIPPED_MODELS, Server, encode, free_port
 
 def post(server: Server, files, data=None, path: str = "/classify") -> httpx.Response:
     return httpx.post(server.url + path, files=files, data=data or {}, timeout=60)
