@@ -221,14 +221,23 @@ def test_slow_lone_requests_do_not_refuse_a_burst_that_runs_as_one_batch() -> No
 
 
 def test_onnx_runs_on_cpu_return_their_arena_memory() -> None:
-    """After a big batch the CPU arena is shrunk back (issue 13's retained-memory finding)."""
-    from service.registry import load_model
+    """After a big batch the CPU arena is shrunk back (issue 13's retained-memory finding): 32
+    catsdogs photos (14 MB of input, over ARENA_KEEP_INPUT_BYTES) leave well under the ~380 MB
+    that ONNX Runtime's arena keeps without shrinking."""
+    import psutil
+
+    from service.registry import ARENA_KEEP_INPUT_BYTES, load_model
 
     model = load_model(SHIPPED_MODELS / "catsdogs", "onnx", "cpu", threads=1)
     assert model.backend.device == "cpu"
     assert model.backend.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
-    probabilities = model.predict(np.zeros((2, 3, 96, 96), np.uint8))
+    probabilities = model.predict(np.zeros((2, 3, *model.spec.size), np.uint8))
     assert probabilities.shape == (2, 2) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
+    big = np.zeros((32, 3, *model.spec.size), np.uint8)
+    assert big.size * 4 > ARENA_KEEP_INPUT_BYTES
+    before = psutil.Process().memory_info().rss
+    model.predict(big)
+    assert psutil.Process().memory_info().rss - before < 150e6
 
 
 def test_default_pixel_limit_is_the_preprocess_constant(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -303,3 +312,30 @@ def test_artifacts_are_hashed_once_per_start(tmp_path: Path, monkeypatch: pytest
     with pytest.raises(registry.RegistryError, match="does not match"):
         registry.load_registry(tmp_path, "onnx", "cpu")
     assert len(hashed) == 2
+
+
+def test_an_entry_without_the_backends_artifact_is_left_out_unless_named(tmp_path: Path, caplog) -> None:
+    """An INT8 entry is ONNX only: served with the onnx backend, left out (with a warning) by the
+    torchscript backend, and an error when asked for by name with a backend it lacks."""
+    import json
+    import shutil
+
+    from service import registry
+
+    shutil.copytree(SHIPPED_MODELS / "cifar10", tmp_path / "cifar10")
+    shutil.copytree(SHIPPED_MODELS / "cifar10", tmp_path / "onnx-only")
+    card = json.loads((tmp_path / "onnx-only" / "card.json").read_text())
+    card["name"] = "onnx-only"
+    del card["artifacts"]["torchscript"]
+    (tmp_path / "onnx-only" / "card.json").write_text(json.dumps(card))
+    (tmp_path / "onnx-only" / "model.torchscript.pt").unlink()
+    assert sorted(registry.load_cards(tmp_path, None, "onnx")) == ["cifar10", "onnx-only"]
+    with caplog.at_level("WARNING", logger="imgclf.registry"):
+        assert sorted(registry.load_cards(tmp_path, None, "torchscript")) == ["cifar10"]
+    assert "onnx-only has no torchscript artifact" in caplog.text
+    assert sorted(registry.load_registry(tmp_path, "torchscript", "cpu")) == ["cifar10"]
+    with pytest.raises(registry.RegistryError, match="no torchscript artifact"):
+        registry.load_cards(tmp_path, ("onnx-only",), "torchscript")
+    shutil.rmtree(tmp_path / "cifar10")
+    with pytest.raises(registry.RegistryError, match="no model in .* has a torchscript artifact"):
+        registry.load_cards(tmp_path, None, "torchscript")

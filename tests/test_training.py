@@ -230,7 +230,8 @@ def test_flip_tta_export_is_mirror_invariant_and_remeasured(tiny_run: Path, tmp_
     target = export(tiny_run, "cifar10", tmp_path, tolerance=1e-4, parity_count=64, tta_mode="flip")
     card = json.loads((target / "card.json").read_text())
     tta = card["test_time_augmentation"]
-    assert tta["test_accuracy_without"] == metrics["test_accuracy"]
+    # the trained graph's test accuracy, measured again in fp32 (the run may have measured in bf16)
+    assert tta["test_accuracy_without"] == pytest.approx(metrics["test_accuracy"], abs=0.01)
     assert card["metrics"]["test_accuracy"] != metrics["test_accuracy"]  # re-measured on 10,000 images
     session = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)

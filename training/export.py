@@ -23,7 +23,11 @@ shipped models were exported before calibration existed): its network is rebuilt
 TorchScript weights and checked against its ONNX and TorchScript graphs, then re-exported the same way.
 
 Export rebuilds exactly the run's split (dataset, seed, data root, image size: recorded in the
-checkpoint) for its parity images and any re-measurement.
+checkpoint) for its parity images and any re-measurement. The card's validation and test
+accuracies are those of the float32 graph that ships, read off the logits calibration is fitted on
+(:class:`ShippedLogits`); the run's own figures (perhaps measured in bf16) stay in the card's
+``training.training_eval``, with its precision and the hardware it trained on.
+``--trained-precision`` states the precision of a run whose ``metrics.json`` predates that record.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,7 +53,7 @@ from service.preprocess import InputSpec, normalize
 from training.data import REPO_ROOT, Dataset, sha256_file
 from training.cam import rebuild_from_registry, serving_graph, trace_explainable
 from training.nets import TestTimeAugment, build_model
-from training.train import evaluate, load_dataset
+from training.train import evaluate, load_dataset, measured_as
 
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
@@ -114,10 +119,12 @@ class WithSoftmax(nn.Module):
 
 
 @torch.no_grad()
-def split_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 500,
+def split_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_size: int = 0,
                  device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """The model's fp32 logits (on the CPU) for a split's uint8 images, preprocessed as the card says,
-    computed on ``device`` (a GPU host's CPU would take minutes for a TTA graph)."""
+    computed on ``device`` (a GPU host's CPU would take minutes for a TTA graph). ``batch_size``
+    0: as many images as make ~32 MB of input (500 at 32 px, 75 at 192 px)."""
+    batch_size = batch_size or max(1, min(500, (32 << 20) // (4 * images[0].numel())))
     model.eval().to(device)
     try:
         return torch.cat([model(torch.from_numpy(normalize(images[i:i + batch_size].numpy(), spec)).to(device))
@@ -126,18 +133,50 @@ def split_logits(model: nn.Module, images: torch.Tensor, spec: InputSpec, batch_
         model.to("cpu")
 
 
-def fit_calibration(model: nn.Module, data: Dataset, spec: InputSpec,
-                    device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+@dataclass
+class ShippedLogits:
+    """The float32 logits of the graph that ships (before softmax and temperature) on the run's
+    validation and test splits: calibration is fitted on them and the card's accuracies read off
+    them, so the card describes what the service computes (a run may have trained and evaluated
+    in bf16)."""
+
+    val: torch.Tensor
+    val_labels: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+
+    @classmethod
+    def of(cls, model: nn.Module, data: Dataset, spec: InputSpec,
+           device: torch.device = torch.device("cpu")) -> "ShippedLogits":
+        val, test = data.val.to(torch.device("cpu")), data.test.to(torch.device("cpu"))
+        return cls(split_logits(model, val.images, spec, device=device), val.labels,
+                   split_logits(model, test.images, spec, device=device), test.labels)
+
+    def accuracy(self, split: str) -> float:
+        logits, labels = (self.val, self.val_labels) if split == "val" else (self.test, self.test_labels)
+        return float((logits.argmax(1) == labels).double().mean())
+
+
+def fit_calibration(logits: ShippedLogits) -> dict[str, Any]:
     """Temperature scaling for the graph that ships: T fitted on the validation split by NLL; the
     test split's ECE and NLL before and after (the card's ``calibration``)."""
     from training.calibration import calibration_summary
 
-    val, test = data.val.to(torch.device("cpu")), data.test.to(torch.device("cpu"))
-    summary = calibration_summary(split_logits(model, val.images, spec, device=device), val.labels,
-                                  split_logits(model, test.images, spec, device=device), test.labels)
+    summary = calibration_summary(logits.val, logits.val_labels, logits.test, logits.test_labels)
     print(f"calibration: T = {summary['temperature']:.4f}; test ECE {summary['test_ece_before']:.4f} -> "
           f"{summary['test_ece_after']:.4f}, NLL {summary['test_nll_before']:.4f} -> {summary['test_nll_after']:.4f}")
     return summary
+
+
+def remeasure_in_fp32(metrics: dict[str, Any], logits: ShippedLogits) -> None:
+    """Put the float32 graph's validation and test accuracy into ``metrics`` (what the card reports;
+    the run's own figures stay in ``training_eval``)."""
+    val, test = logits.accuracy("val"), logits.accuracy("test")
+    if (val, test) != (metrics["val_accuracy"], metrics["test_accuracy"]):
+        print(f"accuracy of the exported float32 graph: val {val:.4f}, test {test:.4f} "
+              f"(before: {metrics['val_accuracy']:.4f} / {metrics['test_accuracy']:.4f})")
+        metrics["test_measured_as"] += "; measured at export on the float32 graph that ships"
+    metrics.update(val_accuracy=val, test_accuracy=test)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -183,11 +222,14 @@ def apply_tta(model: nn.Module, data: Dataset, mode: str, metrics: dict[str, Any
             level = trained_level
         else:
             test_loss, test_acc = evaluate(candidate, cpu[1], data.mean, data.std)
-            tta_note = {"chosen_by": f"--tta {mode}", "val_accuracy_without": val_before,
-                        "test_accuracy_without": metrics["test_accuracy"]}
+            # for the record (the test split chose nothing): the trained graph's, in fp32 too
+            test_before = evaluate(base, cpu[1], data.mean, data.std)[1]
+            # "without": the graph the run trained and evaluated (test-time augmentation level trained_level)
+            tta_note = {"chosen_by": f"--tta {mode}", "trained_level": trained_level,
+                        "val_accuracy_without": val_before, "test_accuracy_without": test_before}
             metrics.update(val_accuracy=val_after, test_accuracy=test_acc, test_loss=test_loss,
-                           test_measured_as=metrics["test_measured_as"] +
-                           f"; re-measured at export for test-time augmentation level {level}")
+                           test_measured_as=measured_as(metrics["test_images"], level, metrics["split"]) +
+                           "; test-time augmentation chosen at export")
             return candidate, ({"kind": TTA_KINDS[level], "level": level, **tta_note} if level else None)
     if not level:
         return model, None
@@ -261,9 +303,11 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
             "val_accuracy": metrics["val_accuracy"],
             "measured_as": metrics["test_measured_as"],
         },
-        "training": {key: metrics[key] for key in (
+        "training": {**{key: metrics[key] for key in (
             "command", "dataset", "data_source", "data_fingerprint", "split", "seed", "best_epoch",
             "train_seconds", "hardware", "torch", "init_from")},
+            **{key: metrics[key] for key in ("preset", "precision", "precision_reason", "cpu_flags", "training_eval")
+               if metrics.get(key) is not None}},
         "split_spec": metrics.get("data"),  # what export and re-measurement rebuild the split from
         "artifacts": artifact_records(artifacts),
         "parity": parity,
@@ -279,15 +323,24 @@ def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
 
 
 def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_count: int,
-           tta_mode: str = "train", calibrate: bool = False, device: str = "cpu") -> Path:
+           tta_mode: str = "train", calibrate: bool = False, device: str = "cpu",
+           trained_precision: str | None = None) -> Path:
     """``calibrate``: fold a temperature fitted on the validation split into the graphs (the
-    command line does so unless ``--no-calibrate``; this function's default keeps plain softmax)."""
+    command line does so unless ``--no-calibrate``; this function's default keeps plain softmax).
+    ``trained_precision``: what the run trained in, for a ``metrics.json`` that does not say."""
     net, ckpt, metrics = load_checkpoint(run_dir)
+    if "precision" not in metrics and trained_precision:
+        metrics.update(precision=trained_precision, precision_reason=f"not in the run's metrics.json; stated at "
+                                                                     f"export (--trained-precision {trained_precision})")
+    metrics["training_eval"] = {"precision": metrics.get("precision", "fp32"), "tta_level": int(ckpt.get("tta", 0)),
+                                **{key: metrics[key] for key in ("val_accuracy", "test_accuracy")}}
     spec = InputSpec.from_card(ckpt)
     data = load_data(ckpt, metrics, spec)
     plain = net  # Grad-CAM explains the network itself, not its test-time-augmented average
     net, tta = apply_tta(net, data, tta_mode, metrics, int(ckpt.get("tta", 0)))
-    calibration = fit_calibration(net, data, spec, compute_device(device)) if calibrate else None
+    logits = ShippedLogits.of(net, data, spec, compute_device(device))
+    remeasure_in_fp32(metrics, logits)
+    calibration = fit_calibration(logits) if calibrate else None
     model = WithSoftmax(net, calibration["temperature"] if calibration else 1.0).eval()
     # parity on the first images of the real test split
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
@@ -325,16 +378,22 @@ def install_entry(models_dir: Path, name: str, model: nn.Module, plain: nn.Modul
         for extra in extra_files:
             if extra.exists():
                 shutil.copy(extra, staging / extra.name)
-        target = models_dir / name
-        if target.exists():
-            old = target.rename(models_dir / f".{name}-old")
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
+        target = swap_in(staging, models_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target, card
+
+
+def swap_in(staging: Path, target: Path) -> Path:
+    """Make the finished ``staging`` folder the registry entry ``target``, replacing any entry there
+    (renamed aside first, so the entry is never half-written)."""
+    if target.exists():
+        old = target.rename(target.parent / f".{target.name}-old")
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+    return target
 
 
 def card_dataset(card: dict[str, Any]) -> Dataset:
@@ -364,7 +423,7 @@ def calibrate_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 2
     check_parity(uncalibrated, folder / card["artifacts"]["onnx"]["file"],
                  folder / card["artifacts"]["torchscript"]["file"], inputs, tolerance)
     net = uncalibrated.model
-    calibration = fit_calibration(net, data, spec, compute_device(device))
+    calibration = fit_calibration(ShippedLogits.of(net, data, spec, compute_device(device)))
     model = WithSoftmax(net, calibration["temperature"]).eval()
 
     def recalibrated_card(artifacts: dict[str, Path], parity: dict[str, float]) -> dict[str, Any]:
@@ -400,6 +459,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="fit a temperature on the validation split (NLL) and fold it into the graphs; "
                              "the card records ECE and NLL before and after on the test split")
     parser.add_argument("--device", default="auto", help="where calibration computes logits (auto: CUDA if usable)")
+    parser.add_argument("--trained-precision", choices=["bf16", "fp32"],
+                        help="the precision the run trained in, recorded in the card when its metrics.json predates "
+                             "that record (the 2026-12-03 runs in ../shared/runs: bf16, per their README)")
     args = parser.parse_args(argv)
     if args.calibrate_entry:
         calibrate_entry(args.calibrate_entry, args.tolerance, args.parity_images, args.device)
@@ -407,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run_dir is None or args.name is None:
         parser.error("a run folder and --name are needed (or --calibrate-entry MODEL_DIR)")
     export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta, args.calibrate,
-           args.device)
+           args.device, args.trained_precision)
 
 
 if __name__ == "__main__":
