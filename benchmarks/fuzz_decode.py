@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 CIFAR_ARCHIVE = Path(os.environ.get("IMGCLF_DATASETS", REPO.parent / "shared" / "datasets")) / "cifar10-jpeg.tar.gz"
 # Every code decode_or_error may return (README's error table).
 CODES = {"empty_file", "not_an_image", "corrupt_image", "image_too_large"}
-SIZES = ((32, 32), (96, 96))  # the shipped models' inputs (models/*/card.json)
+SIZES = ((32, 32), (192, 192))  # the shipped models' inputs (models/*/card.json)
 
 
 def cifar_photos(count: int) -> list[Image.Image]:

@@ -83,8 +83,9 @@ def gradcam(net: nn.Module, image_uint8: np.ndarray, spec: InputSpec,
             raise ExplainError("not_explainable", "this graph has no Grad-CAM method (see load_explainable)")
         logits, activation = net.eval().cam(x)
         n_classes = logits.shape[1]
-        if class_index is None:
-            class_index = int(logits[0].argmax())
+        if class_index is None:  # the served answer's top class (its graph may average views)
+            with torch.no_grad():
+                class_index = int(net(x.detach())[0].argmax())
         elif not 0 <= class_index < n_classes:
             raise ExplainError("bad_class", f"class index {class_index} is outside 0..{n_classes - 1}")
         gradient, = torch.autograd.grad(logits[0, class_index], activation)

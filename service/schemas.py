@@ -160,7 +160,7 @@ def openapi_document(models: list[str], default_model: str, version: str = "1") 
                 "description": "The uploaded image, preprocessed as for /classify (the model's input size), "
                                "with the Grad-CAM heat of the class drawn over it, as a PNG at the model's "
                                "input size scaled up by a whole factor to at least 224 px on the short side "
-                               "(cifar10: 224x224, catsdogs: 288x288).",
+                               "(cifar10: 224x224, catsdogs: 384x384).",
                 "requestBody": explain_form,
                 "responses": {"200": {"description": "the explanation", "content": {
                                   "image/png": {"schema": {"type": "string", "format": "binary"}}}},

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from service.explain import (ExplainError, central_share, gradcam, gradcam_png, load_explainable)
-from service.preprocess import InputSpec
+from service.preprocess import InputSpec, normalize
 
 REPO = Path(__file__).resolve().parent.parent
 CATSDOGS = REPO / "models" / "catsdogs"
@@ -41,12 +41,16 @@ def photos(card: dict, catsdogs_folder: Path):
 
 def test_cam_method_shares_the_serving_graphs_network(net: torch.nn.Module, card: dict) -> None:
     """The registry's TorchScript file carries Grad-CAM's ``cam`` method beside ``forward``: its
-    logits give the served probabilities (divided by the card's calibration temperature), and its
-    feature map is the last stage's (3 x 3 at 96 px)."""
+    logits (the plain network's: averaged over the mirror image where the card's graph averages
+    the two views) give the served probabilities (divided by the card's calibration temperature),
+    and its feature map is the last stage's (6 x 6 at 192 px)."""
     x = torch.randn(4, 3, *card["input"]["size"])
     temperature = card.get("calibration", {}).get("temperature", 1.0)
+    flip = card.get("test_time_augmentation", {}).get("level") == 1
     with torch.no_grad():
         logits, features = net.cam(x)
+        if flip:
+            logits = (logits + net.cam(x.flip(3))[0]) / 2
         assert torch.allclose((logits / temperature).softmax(1), net(x), atol=1e-5)
     assert features.shape[0] == 4 and features.dim() == 4 and features.shape[-1] < card["input"]["size"][1]
 
@@ -80,12 +84,14 @@ def test_png_is_the_image_with_heat_for_the_asked_class(net, card, photos) -> No
     image = photos.images[0].numpy()
     top = gradcam(net, image, spec)
     other = gradcam(net, image, spec, class_index=1 - top[1])
-    assert top[1] == int(np.argmax(top[2])) and other[1] == 1 - top[1]
+    with torch.no_grad():  # by default the served graph's top class is explained
+        served = net(torch.from_numpy(normalize(image[None], spec)))[0]
+    assert top[1] == int(served.argmax()) and other[1] == 1 - top[1]
     assert not np.allclose(top[0], other[0])  # evidence for the other class lies elsewhere
-    assert top[0].shape == (96, 96) and 0 <= top[0].min() and top[0].max() <= 1
+    assert top[0].shape == tuple(card["input"]["size"]) and 0 <= top[0].min() and top[0].max() <= 1
     png = gradcam_png(net, image, spec)
     with Image.open(io.BytesIO(png)) as decoded:
-        assert decoded.format == "PNG" and decoded.size == (288, 288) and decoded.mode == "RGB"
+        assert decoded.format == "PNG" and decoded.size == (384, 384) and decoded.mode == "RGB"
     # from the registry entry's path too (its card lists the Grad-CAM graph)
     assert gradcam_png(CATSDOGS / card["artifacts"]["torchscript"]["file"], image, spec) == png
 
@@ -106,11 +112,11 @@ def test_traced_checkpoint_explains_and_small_images_are_drawn_larger(tmp_path: 
 
 def test_errors_name_what_is_wrong(net, card) -> None:
     spec = InputSpec.from_card(card)
-    image = np.zeros((3, 96, 96), np.uint8)
+    image = np.zeros((3, *card["input"]["size"]), np.uint8)
     with pytest.raises(ExplainError) as bad_class:
         gradcam_png(net, image, spec, class_index=2)
     assert bad_class.value.error == "bad_class" and "0..1" in bad_class.value.detail
-    for wrong in (np.zeros((96, 96, 3), np.uint8), np.zeros((3, 96, 96), np.float32)):
+    for wrong in (np.zeros((*card["input"]["size"], 3), np.uint8), np.zeros(image.shape, np.float32)):
         with pytest.raises(ExplainError, match="bad_image"):
             gradcam_png(net, wrong, spec)
     from training.nets import build_model  # a TorchScript graph traced without the cam method

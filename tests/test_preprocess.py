@@ -56,7 +56,7 @@ def rotated_exif(orientation: int) -> Image.Exif:
 
 
 def test_both_shipped_models_are_covered() -> None:
-    assert SIZES == {"catsdogs": (96, 96), "cifar10": (32, 32)}
+    assert SIZES == {"catsdogs": (192, 192), "cifar10": (32, 32), "cifar10-int8": (32, 32)}
 
 
 # --- bounded work: the hostile shapes -------------------------------------------------
@@ -220,7 +220,7 @@ def test_constant_image_survives_resize_and_normalize_exactly() -> None:
     pixels = decode_or_error(encode(Image.new("RGB", (517, 333), (200, 100, 50)), "PNG"), spec.size)
     assert (pixels[0] == 200).all() and (pixels[1] == 100).all() and (pixels[2] == 50).all()
     out = normalize(pixels[None], spec)
-    assert out.dtype == np.float32 and out.shape == (1, 3, 96, 96)
+    assert out.dtype == np.float32 and out.shape == (1, 3, *spec.size)
     for channel, value in enumerate((200, 100, 50)):
         expected = (value / 255 - spec.mean[channel]) / spec.std[channel]
         assert np.allclose(out[0, channel], expected, atol=1e-6)

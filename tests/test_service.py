@@ -523,17 +523,17 @@ def png_size(response: httpx.Response) -> tuple[int, int]:
 
 def test_explain_returns_a_png_at_the_cards_size_scaled_to_224(server: Server, cat_photo: bytes) -> None:
     """The PNG is the model's input (the card's size, what the model saw) scaled up by a whole
-    factor to at least 224 px: 96x96 -> 288x288 for catsdogs, 32x32 -> 224x224 for cifar10; the
+    factor to at least 224 px: 192x192 -> 384x384 for catsdogs, 32x32 -> 224x224 for cifar10; the
     top class, the same class by name and by index, and another class all answer."""
     with Image.open(io.BytesIO(cat_photo)) as photo:
-        assert photo.size != (288, 288)  # the answer's size is not the upload's
+        assert photo.size != (384, 384)  # the answer's size is not the upload's
     top = explain(server, cat_photo, {"model": "catsdogs"})
-    assert png_size(top) == (288, 288)
+    assert png_size(top) == (384, 384)
     by_name = explain(server, cat_photo, {"model": "catsdogs", "class": "cat"})
     by_index = explain(server, cat_photo, {"model": "catsdogs", "class": "0"})
     assert by_name.content == by_index.content
     dog = explain(server, cat_photo, {"model": "catsdogs", "class": "dog"})
-    assert png_size(dog) == (288, 288) and dog.content != by_name.content
+    assert png_size(dog) == (384, 384) and dog.content != by_name.content
     label = post(server, {"image": ("x.jpg", cat_photo)}, {"model": "catsdogs"}).json()["label"]
     assert top.content == (by_name if label == "cat" else dog).content  # default: the top class
     assert png_size(explain(server, cat_photo, {"model": "cifar10"})) == (224, 224)

@@ -19,7 +19,7 @@ CARDS = sorted(SHIPPED_MODELS.glob("*/card.json"))
 def test_registry_ships_a_cifar10_model_within_budget() -> None:
     assert (SHIPPED_MODELS / "cifar10" / "card.json").exists()
     total = sum(p.stat().st_size for p in SHIPPED_MODELS.rglob("*") if p.is_file())
-    assert total < 50 * 1024 * 1024
+    assert total < 64 * 1024 * 1024  # issue 18's budget for models/ (both formats of both models)
 
 
 @pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
@@ -50,7 +50,8 @@ def test_cifar10_accuracy_on_real_test_images_matches_card(cifar_folder: Path) -
     assert accuracy >= model.card["metrics"]["test_accuracy"] - 0.04, accuracy
 
 
-@pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("card_path", [c for c in CARDS if "torchscript" in json.loads(c.read_text())["artifacts"]],
+                         ids=lambda p: p.parent.name)
 def test_onnx_and_torchscript_backends_agree(card_path: Path) -> None:
     onnx = load_model(card_path.parent, "onnx", "cpu")
     ts = load_model(card_path.parent, "torchscript", "cpu")
