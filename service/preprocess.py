@@ -1,4 +1,7 @@
-"""Image decoding and preprocessing: the one pixel pipeline used by training, export and serving.
+"""One image's decoding and preprocessing: bytes -> (3, H, W) uint8 at the model's input size.
+
+:mod:`service.pipeline` runs this for every item of a batch (training, export, scoring and serving
+all decode through it).
 
 Every step is driven by the model card's ``input`` section, so training and serving cannot drift:
 decode -> apply EXIF orientation -> convert to 8-bit RGB -> resize the shorter side to the card's
@@ -11,7 +14,8 @@ larger than 4 times the model's input (a 40,000x1 PNG costs what its 40,000 pixe
 1.1 GB of its resized 3,840,000x96 version), and a side over ``MAX_SIDE`` is refused; conversions never hold more than two full-size copies; a JPEG far larger than the model
 input is decoded at a reduced DCT scale (``Image.draft``) that keeps at least ``DRAFT_MARGIN`` times
 the resized size. Peak memory per image is therefore at most ``max_decode_bytes(max_pixels)``, and
-the decodes of one process together hold at most ``DECODE_BUDGET.total`` (:class:`DecodeBudget`).
+the decodes that share a :class:`DecodeBudget` (the service's threads in one worker) hold at most
+its ``total`` together.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import struct
 import threading
 import warnings
 import zlib
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from service.card import InputSpec
 
 # Formats we decode. Anything else Pillow might open (EPS, ICO, PSD, ...) is rejected: a smaller
 # attack surface for user uploads. Animated GIF/WebP are scored on their first frame.
@@ -93,15 +99,9 @@ class DecodeBudget:
                 self._cond.notify_all()
 
 
-# 1 GiB: two images at the default pixel limit, or many ordinary photos, at once. Callers may size
-# it at start-up with configure_decode_budget (e.g. from a setting).
+# 1 GiB: two images at the default pixel limit, or many ordinary photos, at once (the service's
+# budget per worker process).
 DEFAULT_DECODE_BUDGET_BYTES = 1 << 30
-DECODE_BUDGET = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)
-
-
-def configure_decode_budget(total_bytes: int) -> None:
-    """Set the process-wide decode budget (call once at start-up, before decoding)."""
-    DECODE_BUDGET.total = total_bytes
 
 
 class ImageError(ValueError):
@@ -112,31 +112,8 @@ class ImageError(ValueError):
         self.error = error
         self.detail = detail
 
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The ``input`` section of a model card."""
-
-    size: tuple[int, int]  # (height, width)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_card(cls, card: dict[str, Any]) -> "InputSpec":
-        spec = card["input"]
-        return cls(size=tuple(spec["size"]), mean=tuple(spec["mean"]), std=tuple(spec["std"]))
-
-    def to_card(self) -> dict[str, Any]:
-        return {
-            "size": list(self.size),
-            "channels": "RGB",
-            "layout": "NCHW",
-            "dtype": "float32",
-            "resize": "shorter side to size (bilinear, antialiased), then centre crop",
-            "scale": "pixel / 255",
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+    def __reduce__(self) -> tuple:  # decode workers send these back to the scorer
+        return type(self), (self.error, self.detail)
 
 
 # File signatures of the accepted formats: bytes that start like one of these but fail to decode
@@ -285,10 +262,12 @@ def load_rgb(image: Image.Image) -> Image.Image:
         return to_rgb(image)
 
 
-def decode_to_array(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Upload bytes -> (3, H, W) uint8 at the model's input size, within the decode budget."""
+def decode_to_array(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
+                    budget: DecodeBudget | None = None) -> np.ndarray:
+    """Upload bytes -> (3, H, W) uint8 at the model's input size, or raise :class:`ImageError`;
+    within ``budget`` (shared with the caller's other decoding threads) when one is given."""
     image = open_for(data, size, max_pixels)
-    with DECODE_BUDGET.reserve(decode_cost(image)):
+    with budget.reserve(decode_cost(image)) if budget is not None else nullcontext():
         return image_to_uint8(load_rgb(image), size)
 
 
@@ -366,70 +345,8 @@ def image_to_uint8(image: Image.Image, size: Sequence[int]) -> np.ndarray:
     return np.asarray(resize_and_crop(image, size), dtype=np.uint8).transpose(2, 0, 1)
 
 
-def decode_or_error(data: bytes, size: Sequence[int],
-                    max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | ImageError:
-    """:func:`decode_to_array`, with a bad file returned instead of raised, so
-    a batch of uploads or files carries on past it."""
-    try:
-        return decode_to_array(data, size, max_pixels)
-    except ImageError as exc:
-        return exc
-
-
 def normalize(batch_uint8: np.ndarray, spec: InputSpec) -> np.ndarray:
     """(N, 3, H, W) uint8 -> float32 normalised with the card's mean/std."""
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(spec.std, dtype=np.float32).reshape(1, 3, 1, 1)
     return (batch_uint8.astype(np.float32) / 255.0 - mean) / std
-
-
-SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) of a complete 3-component JPEG without EXIF data, else None.
-
-    These are the files the batched libjpeg-turbo path below decodes exactly like Pillow (same
-    library, same settings); anything else (EXIF orientation, CMYK, grayscale, truncated) goes
-    through :func:`decode_image`.
-    """
-    if not (data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")):
-        return None
-    pos = 2
-    while pos + 10 < len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xE1 and data[pos + 4:pos + 8] == b"Exif":
-            return None
-        if marker in SOF_MARKERS:
-            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return (height, width) if data[pos + 9] == 3 else None
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    return None
-
-
-def decode_jpegs_at_size(blobs: Sequence[bytes], size: Sequence[int]) -> list[np.ndarray | None]:
-    """Batch-decode the plain JPEGs already at ``size`` with ``torchvision.io.decode_jpeg`` (one C++
-    call, ~4x faster than Pillow per small file); None marks a file for :func:`decode_image`."""
-    picked = [i for i, blob in enumerate(blobs) if plain_jpeg_size(blob) == tuple(size)]
-    out: list[np.ndarray | None] = [None] * len(blobs)
-    if not picked:
-        return out
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    try:
-        decoded = decode_jpeg([torch.frombuffer(bytearray(blobs[i]), dtype=torch.uint8) for i in picked],
-                              mode=ImageReadMode.RGB)
-    except RuntimeError:  # a corrupt file in the batch: let Pillow sort them out one by one
-        return out
-    for i, image in zip(picked, decoded):
-        out[i] = image.numpy()
-    return out
-
-
-def load_file(path: str, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read one image file into a (3, H, W) uint8 array, as the service would see it."""
-    with open(path, "rb") as handle:
-        return decode_to_array(handle.read(), size, max_pixels)
