@@ -105,7 +105,8 @@ def seed_corpus(count: int = 4) -> dict[str, bytes]:
 def check(data: bytes, size: tuple[int, int], max_pixels: int) -> str:
     """The property under test. Returns the outcome ("ok" or the error code); anything else that
     goes wrong raises (AssertionError for a wrong result, or the decoder's own exception)."""
-    from service.preprocess import ImageError, decode_or_error
+    from service.pipeline import decode_or_error
+    from service.preprocess import ImageError
 
     result = decode_or_error(data, size, max_pixels)
     if isinstance(result, ImageError):

@@ -1,20 +1,18 @@
-"""The HTTP edge: a plain Starlette app that BentoML mounts (``@bentoml.asgi_app``).
+"""The HTTP edge: a plain Starlette app that BentoML mounts (``@bentoml.asgi_app``, :mod:`service.service`).
 
-* ``POST /classify``, ``POST /classify_batch``: the body is read in memory as it streams, counted
-  against ``IMGCLF_MAX_BODY_BYTES`` before and while parsing (a declared length over the limit is
-  refused unread; a chunked or lying client is cut off at the limit), within
-  ``IMGCLF_BODY_TIMEOUT_S`` (else 408), and parsed by python-multipart's streaming parser: no
-  temporary files, no framework error strings, every malformed request a 4xx
-  ``{"error", "detail"}`` (:mod:`service.schemas` lists them all).
-* the images go to the worker's :class:`~service.engine.Batcher`; a request whose client hangs up
-  while it waits is dropped before it runs.
+* ``POST /classify``, ``POST /classify_batch``: the body is parsed as it streams with the service's
+  limits (:mod:`service.form`); the images go to the worker's :class:`~service.batching.Batcher`,
+  which decodes and runs them in batches (:mod:`service.runners`); a request whose client hangs up
+  while it waits is dropped before it runs. Every refusal is a 4xx/503 ``{"error", "detail"}``
+  answer (:mod:`service.errors`; :mod:`service.schemas` lists them all).
 * ``POST /explain``: the same upload, parsing, decoding and 4xx answers as ``/classify``, answered
-  with a Grad-CAM PNG (:class:`~service.engine.Explainer`, one at a time per worker, in a thread).
+  with a Grad-CAM PNG (:class:`~service.explain.Explainer`, one at a time per worker, in a thread).
 * ``GET /models``, ``/models/{name}``: the served cards; ``/openapi.json`` and ``/docs``.
 
-BentoML serves the rest (``/livez``, ``/readyz``, ``/metrics``) and runs the workers. The app is
-built at import (BentoML mounts it when it loads the service) and gets its :class:`Api` (settings,
-cards, batcher) from the service's ``__init__`` at start-up.
+BentoML serves the rest (``/livez``, ``/readyz``, ``/metrics``) and runs the workers. The app holds
+no state: each request asks ``current_api`` (given by the service: the worker's service instance's
+:class:`Api`, made in its ``__init__``) for what it needs, and answers 503 ``starting`` before
+there is one.
 """
 
 from __future__ import annotations
@@ -27,8 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -36,31 +32,17 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.batching import Batcher, Overloaded
+from service.card import ModelCard
 from service.config import Settings
-from service.engine import Batcher, Explainer, NotExplainable, Overloaded
+from service.errors import ClientGone, Rejected, image_rejection, overloaded
+from service.explain import Explainer, NotExplainable
+from service.form import Form, class_index, form_model, form_options, one_file, pick_files, read_form
 from service.logs import request_id
 from service.preprocess import ImageError
 from service.ui import ui_routes
 
 logger = logging.getLogger("imgclf.service")
-
-MAX_TEXT_FIELD = 1024  # bytes in a text field (model, top_k)
-MAX_PART_HEADER = 4096  # bytes in one part header line (a 10,000-character filename is refused)
-
-
-class Rejected(Exception):
-    """A request answered with a 4xx/503 ``{"error", "detail"}`` body."""
-
-    def __init__(self, status: int, error: str, detail: Any, headers: dict[str, str] | None = None) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.headers = headers or {}
-
-
-class ClientGone(Exception):
-    """The client closed the connection; nothing can be answered."""
 
 
 @dataclass
@@ -68,7 +50,7 @@ class Api:
     """What the handlers need, made once per worker at start-up by the service."""
 
     settings: Settings
-    cards: dict[str, dict[str, Any]]
+    cards: dict[str, ModelCard]
     default_model: str
     batcher: Batcher
     on_reject: Callable[[str], None]
@@ -76,7 +58,7 @@ class Api:
     openapi: bytes
     explainer: Explainer | None = None  # None: /explain answers 501 not_explainable
 
-    def check(self, model: str, top_k: int) -> dict[str, Any]:
+    def check(self, model: str, top_k: int) -> ModelCard:
         if model not in self.cards:
             raise Rejected(404, "unknown_model", {"model": model, "valid": sorted(self.cards)})
         if top_k < 1:
@@ -84,201 +66,18 @@ class Api:
         return self.cards[model]
 
 
-# --- the request body -----------------------------------------------------------------------------
-
-class Form:
-    """Multipart callbacks for python-multipart's streaming parser: files and text fields in memory,
-    with per-request limits checked as the bytes arrive."""
-
-    def __init__(self, max_files: int) -> None:
-        self.max_files = max_files
-        self.files: list[tuple[str, bytes]] = []  # (field name, bytes) in upload order
-        self.fields: dict[str, str] = {}
-        self._header_field: list[bytes] = []
-        self._header_value: list[bytes] = []
-        self._headers: dict[bytes, bytes] = {}
-        self._name = ""
-        self._is_file = False
-        self._chunks: list[bytes] = []
-        self._size = 0
-
-    def callbacks(self) -> dict[str, Callable[..., None]]:
-        return {"on_part_begin": self.on_part_begin, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end}
-
-    def on_part_begin(self) -> None:
-        self._headers = {}
-        self._chunks = []
-        self._size = 0
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_field.append(data[start:end])
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value.append(data[start:end])
-
-    def on_header_end(self) -> None:
-        self._headers[b"".join(self._header_field).lower()] = b"".join(self._header_value)
-        self._header_field, self._header_value = [], []
-
-    def on_headers_finished(self) -> None:
-        disposition, options = parse_options_header(self._headers.get(b"content-disposition"))
-        if disposition != b"form-data" or b"name" not in options:
-            raise Rejected(400, "invalid_multipart", "each part needs Content-Disposition: form-data; name=...")
-        self._name = options[b"name"].decode("latin-1")
-        self._is_file = b"filename" in options
-        if self._is_file and len(self.files) >= self.max_files:
-            raise Rejected(413, "too_many_files",
-                           f"more than {self.max_files} files; the limit is IMGCLF_MAX_FILES={self.max_files}")
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._size += end - start
-        if not self._is_file and self._size > MAX_TEXT_FIELD:
-            raise Rejected(400, "invalid_request", f"field {self._name!r} is longer than {MAX_TEXT_FIELD} bytes")
-        self._chunks.append(data[start:end])
-
-    def on_part_end(self) -> None:
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        if self._is_file:
-            self.files.append((self._name, data))
-        else:
-            try:
-                self.fields[self._name] = data.decode("utf-8")
-            except UnicodeDecodeError:
-                raise Rejected(400, "invalid_request", f"field {self._name!r} is not UTF-8 text") from None
-
-
-def multipart_boundary(headers: dict[bytes, bytes]) -> bytes:
-    content_type, options = parse_options_header(headers.get(b"content-type"))
-    if content_type == b"application/x-www-form-urlencoded":  # a form with no file in it
-        raise Rejected(400, "no_file", "send the image as a multipart/form-data file upload; URLs are not fetched")
-    if content_type != b"multipart/form-data":
-        raise Rejected(415, "unsupported_media_type",
-                       f"send multipart/form-data (got {content_type.decode('latin-1')[:100] or 'no Content-Type'})")
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise Rejected(400, "invalid_multipart", "multipart/form-data without a boundary parameter")
-    return boundary
-
-
-async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Settings,
-                    budget: Batcher | None = None) -> Form:
-    """Stream the body into the multipart parser, enforcing the size limit and the body timeout;
-    with ``budget``, the bytes received count against the worker's upload-byte cap while they are
-    read (503 ``overloaded`` past it, :meth:`~service.engine.Batcher.hold_reading`)."""
-    limit = settings.max_body_bytes
-    too_large = Rejected(413, "body_too_large", f"request body exceeds {limit} bytes (IMGCLF_MAX_BODY_BYTES)")
-    try:
-        declared = int(headers.get(b"content-length", b"0"))
-    except ValueError:
-        raise Rejected(400, "invalid_request", "Content-Length is not a number") from None
-    if declared > limit:
-        raise too_large
-    boundary = multipart_boundary(headers)
-    form = Form(settings.max_files)
-    try:
-        parser = MultipartParser(boundary, form.callbacks(), max_header_size=MAX_PART_HEADER)
-    except FormParserError as exc:
-        raise Rejected(400, "invalid_multipart", str(exc)) from None
-    received = held = 0
-    try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone()
-                chunk = message.get("body", b"")
-                received += len(chunk)
-                if received > limit:
-                    raise too_large
-                if budget is not None and chunk:
-                    held += len(chunk)
-                    if (refused := budget.hold_reading(len(chunk), held)) is not None:
-                        raise Rejected(503, "overloaded", refused.detail,
-                                       {"Retry-After": str(refused.retry_after_s)})
-                if chunk:
-                    parser.write(chunk)
-                if not message.get("more_body", False):
-                    break
-        parser.finalize()
-    except TimeoutError:
-        raise Rejected(408, "body_timeout",
-                       f"the request body did not arrive within {settings.body_timeout_s:g} s "
-                       "(IMGCLF_BODY_TIMEOUT_S)") from None
-    except FormParserError as exc:
-        raise Rejected(400, "invalid_multipart", f"malformed multipart body: {exc}") from None
-    finally:
-        if budget is not None:
-            budget.release_reading(held)
-    return form
-
-
-def form_model(form: Form, api: Api) -> str:
-    return form.fields.get("model") or api.default_model
-
-
-def form_options(form: Form, api: Api) -> tuple[str, int]:
-    model = form_model(form, api)
-    raw_k = form.fields.get("top_k", "5")
-    try:
-        top_k = int(raw_k)
-    except ValueError:
-        raise Rejected(400, "invalid_request", f"top_k must be an integer, got {raw_k[:40]!r}") from None
-    return model, top_k
-
-
-def pick_files(form: Form, field: str, other: str) -> list[bytes]:
-    """The uploads in ``field``; a file elsewhere or a text value in ``field`` is a clear 400."""
-    wrong = sorted({name for name, _ in form.files if name != field})
-    if wrong:
-        hint = f" ('{other}' is for /classify{'_batch' if other == 'images' else ''})" if other in wrong else ""
-        raise Rejected(400, "no_file", f"files go in the multipart field '{field}', got a file in "
-                                       f"{', '.join(repr(w[:40]) for w in wrong)}{hint}")
-    files = [data for name, data in form.files if name == field]
-    if not files:
-        if field in form.fields:
-            raise Rejected(400, "no_file", f"'{field}' must be a file upload (multipart file); URLs are not fetched")
-        raise Rejected(400, "no_file", f"send the image as a multipart file field named '{field}'")
-    return files
-
-
-def one_file(form: Form, path: str) -> bytes:
-    """The single upload in ``image`` (``/classify``, ``/explain``)."""
-    files = pick_files(form, "image", "images")
-    if len(files) > 1:
-        raise Rejected(400, "invalid_request", f"{path} takes one file in 'image'; use /classify_batch")
-    return files[0]
-
-
-def image_rejection(error: ImageError) -> Rejected:
-    """An upload that could not be decoded, as the HTTP answer (413 for a too-large image)."""
-    return Rejected(413 if error.error == "image_too_large" else 400, error.error, error.detail)
-
-
-def class_index(card: dict[str, Any], raw: str | None) -> int | None:
-    """The ``class`` field: a class name of the card or its index; None (absent or empty): the top class."""
-    if raw is None or raw.strip() == "":
-        return None
-    classes = card["classes"]
-    if raw in classes:
-        return classes.index(raw)
-    if raw.strip().isdigit() and int(raw) < len(classes):
-        return int(raw)
-    raise Rejected(400, "invalid_class", f"class {raw[:40]!r} is neither a class of {card['name']} nor an "
-                                         f"index 0..{len(classes) - 1}; classes: {', '.join(classes)}")
+CurrentApi = Callable[[], "Api | None"]  # the worker's Api; None while the worker is starting
 
 
 # --- answers --------------------------------------------------------------------------------------
 
-def prediction(card: dict[str, Any], probabilities: np.ndarray, top_k: int) -> dict[str, Any]:
-    classes = card["classes"]
+def prediction(card: ModelCard, probabilities: np.ndarray, top_k: int) -> dict[str, Any]:
+    classes = card.classes
     values = probabilities.tolist()
     order = np.argsort(-probabilities, kind="stable")[: min(top_k, len(classes))].tolist()
     return {
-        "model": card["name"],
-        "version": card["version"],
+        "model": card.name,
+        "version": card.version,
         "label": classes[order[0]],
         "probabilities": dict(zip(classes, values)),
         "top_k": [{"label": classes[i], "probability": values[i]} for i in order],
@@ -334,21 +133,21 @@ class Endpoint:
 
     path = ""
 
-    def __init__(self, holder: "ApiHolder") -> None:
-        self.holder = holder
+    def __init__(self, current_api: CurrentApi) -> None:
+        self.current_api = current_api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         rid = client_request_id(headers)
         token = request_id.set(rid)
-        api = self.holder.api
+        api = self.current_api()
         try:
             if api is None:
                 raise Rejected(503, "starting", "the service is starting", {"Retry-After": "1"})
             if scope["method"] != "POST":
                 raise Rejected(405, "method_not_allowed", f"{self.path} takes POST", {"Allow": "POST"})
             if (refused := api.batcher.refusal(1)) is not None:  # overloaded: refuse before reading
-                raise Rejected(503, "overloaded", refused.detail, {"Retry-After": str(refused.retry_after_s)})
+                raise overloaded(refused)
             form = await read_form(receive, headers, api.settings, api.batcher)
             body = await self.answer(api, form, receive)
             api.on_answer(self.path, 200)
@@ -376,15 +175,12 @@ class Endpoint:
         raise NotImplementedError
 
     @staticmethod
-    async def infer(api: Api, model: str, card: dict[str, Any], blobs: list[bytes], receive: Receive) -> list[Any]:
+    async def infer(api: Api, card: ModelCard, blobs: list[bytes], receive: Receive) -> list[Any]:
         try:
-            futures = api.batcher.submit(model, blobs, tuple(card["input"]["size"]))
-        except Overloaded as exc:
-            raise Rejected(503, "overloaded", exc.detail, {"Retry-After": str(exc.retry_after_s)}) from None
-        try:
+            futures = api.batcher.submit(card.name, blobs, card.input.size)
             return await until_answered(futures, receive, api.batcher.expected_wait_s(0))
         except Overloaded as exc:
-            raise Rejected(503, "overloaded", exc.detail, {"Retry-After": str(exc.retry_after_s)}) from None
+            raise overloaded(exc) from None
 
 
 class Classify(Endpoint):
@@ -392,9 +188,9 @@ class Classify(Endpoint):
 
     async def answer(self, api: Api, form: Form, receive: Receive) -> Any:
         data = one_file(form, self.path)
-        model, top_k = form_options(form, api)
+        model, top_k = form_options(form, api.default_model)
         card = api.check(model, top_k)
-        (row,) = await self.infer(api, model, card, [data], receive)
+        (row,) = await self.infer(api, card, [data], receive)
         if isinstance(row, ImageError):
             raise image_rejection(row)
         return prediction(card, row, top_k)
@@ -407,7 +203,7 @@ class Explain(Endpoint):
 
     async def answer(self, api: Api, form: Form, receive: Receive) -> Any:
         data = one_file(form, self.path)
-        model = form_model(form, api)
+        model = form_model(form, api.default_model)
         card = api.check(model, 1)
         index = class_index(card, form.fields.get("class"))
         if api.explainer is None:
@@ -415,7 +211,7 @@ class Explain(Endpoint):
         try:
             png = await api.explainer(model, data, index)
         except Overloaded as exc:
-            raise Rejected(503, "overloaded", exc.detail, {"Retry-After": str(exc.retry_after_s)}) from None
+            raise overloaded(exc) from None
         except NotExplainable as exc:
             raise Rejected(501, "not_explainable", f"model {model!r} cannot be explained: {exc}") from None
         if isinstance(png, ImageError):
@@ -428,16 +224,12 @@ class ClassifyBatch(Endpoint):
 
     async def answer(self, api: Api, form: Form, receive: Receive) -> Any:
         files = pick_files(form, "images", "image")
-        model, top_k = form_options(form, api)
+        model, top_k = form_options(form, api.default_model)
         card = api.check(model, top_k)
-        rows = await self.infer(api, model, card, files, receive)
+        rows = await self.infer(api, card, files, receive)
         results = [{"error": row.error, "detail": row.detail} if isinstance(row, ImageError)
                    else prediction(card, row, top_k) for row in rows]
-        return {"model": model, "version": card["version"], "results": results}
-
-
-class ApiHolder:
-    api: Api | None = None
+        return {"model": model, "version": card.version, "results": results}
 
 
 SWAGGER_PAGE = """<!doctype html>
@@ -467,11 +259,14 @@ class LineFeedPaths:
             await self.app(scope, receive, send)
 
 
-def build_app(holder: ApiHolder) -> Starlette:
+def build_app(current_api: CurrentApi) -> Starlette:
+    """The API's routes; ``current_api`` gives each request the worker's :class:`Api`."""
+
     def ready() -> Api:
-        if holder.api is None:
+        api = current_api()
+        if api is None:
             raise Rejected(503, "starting", "the service is starting")
-        return holder.api
+        return api
 
     def error(exc: Rejected) -> JSONResponse:
         return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
@@ -481,7 +276,8 @@ def build_app(holder: ApiHolder) -> Starlette:
             api = ready()
         except Rejected as exc:
             return error(exc)
-        return JSONResponse({"default": api.default_model, "models": api.cards})
+        return JSONResponse({"default": api.default_model,
+                             "models": {name: card.to_dict() for name, card in api.cards.items()}})
 
     async def one_model(request: Request) -> Response:
         name = request.path_params["name"]
@@ -490,7 +286,7 @@ def build_app(holder: ApiHolder) -> Starlette:
             api.check(name, 1)
         except Rejected as exc:
             return error(exc)
-        return JSONResponse(api.cards[name])
+        return JSONResponse(api.cards[name].to_dict())
 
     async def openapi(request: Request) -> Response:
         try:
@@ -511,9 +307,9 @@ def build_app(holder: ApiHolder) -> Starlette:
         return error(Rejected(exc.status_code, "not_found", f"no route for {path}"))
 
     return Starlette(exception_handlers={404: no_route, 405: no_route}, routes=[
-        Route("/classify", Classify(holder)),  # ASGI endpoints: they answer 405 themselves, in JSON
-        Route("/classify_batch", ClassifyBatch(holder)),
-        Route("/explain", Explain(holder)),
+        Route("/classify", Classify(current_api)),  # ASGI endpoints: they answer 405 themselves, in JSON
+        Route("/classify_batch", ClassifyBatch(current_api)),
+        Route("/explain", Explain(current_api)),
         Route("/models", list_models, methods=["GET"]),
         Route("/models/", list_models, methods=["GET"]),
         Route("/models/{name}", one_model, methods=["GET"]),

@@ -29,7 +29,7 @@ class OnnxBackend:
 
         available = ort.get_available_providers()
         providers: list[Any] = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available and cuda_usable():
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available and cuda_present():
             # cuDNN's heuristic choice of convolution algorithm: the default exhaustive search
             # benchmarks every convolution again for each new input shape, and adaptive batching
             # makes many (a stall of up to seconds on the first batch of each size)
@@ -101,9 +101,9 @@ class TorchScriptBackend:
 
 
 def gpu_backend_usable(backend: str) -> bool:
-    """Whether ``backend`` (onnx | torchscript) can run on a CUDA GPU here: a usable GPU, and for
-    ONNX Runtime its CUDA provider (a CPU-only onnxruntime on a GPU host runs on the CPU)."""
-    if not cuda_usable():
+    """Whether ``backend`` (onnx | torchscript) can run on a CUDA GPU here: a GPU the driver sees,
+    and for ONNX Runtime its CUDA provider (a CPU-only onnxruntime on a GPU host runs on the CPU)."""
+    if not cuda_present():
         return False
     if backend == "onnx":
         import onnxruntime as ort
@@ -112,10 +112,16 @@ def gpu_backend_usable(backend: str) -> bool:
     return True
 
 
-def cuda_usable() -> bool:
-    try:
-        import torch
+def cuda_present() -> bool:
+    """Whether the CUDA driver sees a GPU, asked of the driver itself (``cuInit`` and
+    ``cuDeviceGetCount`` through ctypes): milliseconds, where importing torch to ask takes seconds."""
+    import ctypes
+    import sys
 
-        return torch.cuda.is_available()
-    except ImportError:  # no torch: trust the provider list
-        return True
+    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
+    try:
+        driver = ctypes.CDLL(name)
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0

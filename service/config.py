@@ -1,9 +1,10 @@
-"""Every setting of the service, read from environment variables in this one place.
+"""Every setting of the service, read from environment variables in this one place, at start-up.
 
-:meth:`Settings.from_env` is called at start-up (the service's ``__init__``, ``service.serve``,
-``service.score``), never at import. The only values BentoML needs before a service object exists
-(worker count, its request timeout) come from :func:`bentoml_options`, which the service module
-calls when BentoML loads the service definition.
+:meth:`Settings.from_env` is called once per process when it starts (``python -m service.serve``,
+each BentoML worker's ``__init__``, ``python -m service.score``), never at import. The launcher
+decides what BentoML itself needs before any worker exists (the engine layout, the worker count,
+the request timeout, the access log and tracing switches: :meth:`Settings.bentoml_arguments`) and
+hands it to ``bentoml serve`` as ``--arg`` values (``bentoml.use_arguments``, :mod:`service.service`).
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from service.preprocess import DEFAULT_MAX_PIXELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FALLBACK_DEFAULT_MODEL = "cifar10"
 DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024  # per API worker: 32 bodies at the default 8 MiB limit
+CORES_PER_INPROCESS_WORKER = 4
+BACKEND_CHOICES = ("onnx", "torchscript")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+ENGINE_CHOICES = ("auto", "inprocess", "service")
 
 
 def _int(name: str, default: int) -> int:
@@ -49,55 +53,23 @@ def _auto_int(name: str) -> int:
 
 
 def host_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, else the machine's count)."""
+    """CPU cores this process may run on (the affinity mask, else the machine's count): the one
+    core count of the project (workers, inference threads, decode processes)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
-CORES_PER_INPROCESS_WORKER = 4
-
-
-def api_workers(layout: str) -> int:
-    """``IMGCLF_API_WORKERS``: a number, or ``auto`` (default), which uses the host's cores:
-    with the engine service (GPU hosts) one API worker per core, since the workers only parse and
-    decode; with the models in the API workers (``inprocess``, CPU hosts) one worker per
-    ``CORES_PER_INPROCESS_WORKER`` cores, each running the models on its share of the cores
-    (measured on 2 cores: one worker with 2 inference threads beats two with one, docs/SERVING.md)."""
-    workers = _auto_int("IMGCLF_API_WORKERS")
-    if workers:
-        return workers
-    cores = host_cores()
-    return cores if layout == "service" else max(1, cores // CORES_PER_INPROCESS_WORKER)
-
-
-def timeout_s() -> int:
-    return _int("IMGCLF_TIMEOUT_S", 30)
-
-
-def bentoml_options() -> dict[str, Any]:
-    """What BentoML needs when it loads the service module, before any service object exists: the
-    decorators' timeout, access-log and tracing switches, and the engine, device and backend
-    settings, which decide the layout (whether the engine service is part of the graph) and so the
-    worker count."""
-    return {"timeout_s": timeout_s(),
-            "access_log": _int("IMGCLF_ACCESS_LOG", 0) == 1,
-            "tracing": _int("IMGCLF_TRACING", 0) == 1,
-            "engine": _choice("IMGCLF_ENGINE", "auto", ("auto", "inprocess", "service")),
-            "device": _choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda")),
-            "backend": _choice("IMGCLF_BACKEND", "onnx", ("onnx", "torchscript"))}
-
-
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path
     models: tuple[str, ...]  # empty: every model in models_dir
-    default_model: str  # IMGCLF_DEFAULT_MODEL, else cifar10 (see resolve_default_model)
-    default_model_given: bool  # IMGCLF_DEFAULT_MODEL was set
+    default_model: str | None  # IMGCLF_DEFAULT_MODEL; None: the registry decides (load_cards)
     backend: str  # onnx | torchscript
     device: str  # auto | cpu | cuda
-    engine: str  # auto | inprocess | service: where the models run (see service/engine.py)
+    engine: str  # auto | inprocess | service: where the models run (see layout())
+    api_workers: int  # IMGCLF_API_WORKERS; 0: auto (see workers())
     batching: bool  # adaptive batching on (default) or every request runs alone
     max_batch_size: int
     max_latency_ms: int  # queue-wait cap: a request expected to wait longer gets 503 + Retry-After
@@ -111,21 +83,22 @@ class Settings:
     timeout_s: int
     body_timeout_s: float  # a request body not received within this gets 408
     access_log: bool  # one log line per request; off by default (no per-request log spam)
+    tracing: bool  # OpenTelemetry spans for the classify routes too (IMGCLF_TRACING=1)
     log_format: str  # json | text (our own log lines; BentoML keeps its format)
     log_level: str
 
     @classmethod
     def from_env(cls) -> "Settings":
         env = os.environ.get
-        timeout = timeout_s()
+        timeout = _int("IMGCLF_TIMEOUT_S", 30)
         return cls(
             models_dir=Path(env("IMGCLF_MODELS_DIR") or REPO_ROOT / "models"),
             models=tuple(m for m in (env("IMGCLF_MODELS") or "").split(",") if m),
-            default_model=env("IMGCLF_DEFAULT_MODEL") or FALLBACK_DEFAULT_MODEL,
-            default_model_given=bool(env("IMGCLF_DEFAULT_MODEL")),
-            backend=_choice("IMGCLF_BACKEND", "onnx", ("onnx", "torchscript")),
-            device=_choice("IMGCLF_DEVICE", "auto", ("auto", "cpu", "cuda")),
-            engine=_choice("IMGCLF_ENGINE", "auto", ("auto", "inprocess", "service")),
+            default_model=env("IMGCLF_DEFAULT_MODEL") or None,
+            backend=_choice("IMGCLF_BACKEND", "onnx", BACKEND_CHOICES),
+            device=_choice("IMGCLF_DEVICE", "auto", DEVICE_CHOICES),
+            engine=_choice("IMGCLF_ENGINE", "auto", ENGINE_CHOICES),
+            api_workers=_auto_int("IMGCLF_API_WORKERS"),
             batching=_int("IMGCLF_BATCHING", 1) == 1,
             max_batch_size=max(2, _int("IMGCLF_MAX_BATCH_SIZE", 128)),
             max_latency_ms=max(1, _int("IMGCLF_MAX_LATENCY_MS", 2000)),
@@ -139,19 +112,31 @@ class Settings:
             timeout_s=timeout,
             body_timeout_s=float(_int("IMGCLF_BODY_TIMEOUT_S", timeout)),
             access_log=_int("IMGCLF_ACCESS_LOG", 0) == 1,
+            tracing=_int("IMGCLF_TRACING", 0) == 1,
             log_format=_choice("IMGCLF_LOG_FORMAT", "json", ("json", "text")),
             log_level=_choice("IMGCLF_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         )
 
-    def resolve_default_model(self, served: Iterable[str]) -> str:
-        """The model a request that names none gets: ``IMGCLF_DEFAULT_MODEL`` when set; else the
-        only served model when there is one; else ``cifar10``."""
-        names = sorted(served)
-        if self.default_model_given:
-            return self.default_model
-        if len(names) == 1:
-            return names[0]
-        return FALLBACK_DEFAULT_MODEL
+    def layout(self) -> str:
+        """Where the models run, decided here only: ``IMGCLF_ENGINE``; ``auto`` (default): the engine
+        service (``service``, one process owns the GPU) where the backend can run on a GPU here,
+        else in each API worker (``inprocess``). The probe asks the CUDA driver, not a framework."""
+        if self.engine != "auto":
+            return self.engine
+        from service.backends import gpu_backend_usable
+
+        return "service" if self.device != "cpu" and gpu_backend_usable(self.backend) else "inprocess"
+
+    def workers(self, layout: str) -> int:
+        """API workers: ``IMGCLF_API_WORKERS``, or ``auto`` (default), which uses the host's cores:
+        with the engine service (GPU hosts) one API worker per core, since the workers only parse and
+        decode; with the models in the API workers (``inprocess``, CPU hosts) one worker per
+        ``CORES_PER_INPROCESS_WORKER`` cores, each running the models on its share of the cores
+        (measured on 2 cores: one worker with 2 inference threads beats two with one, docs/SERVING.md)."""
+        if self.api_workers:
+            return self.api_workers
+        cores = host_cores()
+        return cores if layout == "service" else max(1, cores // CORES_PER_INPROCESS_WORKER)
 
     def in_flight(self, layout: str) -> int:
         """Batches a worker runs at once (``IMGCLF_BATCHES_IN_FLIGHT``; ``auto``, the default: 2 with
@@ -170,3 +155,9 @@ class Settings:
         in-process default): 2 threads serve both the shipped ResNet-20 and a ResNet-18 best
         (docs/BENCHMARKS.md)."""
         return self.engine_threads or max(1, host_cores() // workers)
+
+    def bentoml_arguments(self, layout: str) -> dict[str, Any]:
+        """What ``bentoml serve`` needs before any worker exists, as its ``--arg`` values
+        (:class:`service.service.ServeArgs` reads them with ``bentoml.use_arguments``)."""
+        return {"layout": layout, "workers": self.workers(layout), "timeout_s": self.timeout_s,
+                "access_log": self.access_log, "tracing": self.tracing}

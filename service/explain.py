@@ -14,22 +14,30 @@ runs with gradients on, and the class logit is differentiated with respect to th
 
 Input checking is the caller's job (the HTTP layer decodes uploads with the card's input spec);
 what still fails here raises :class:`ExplainError` (a ``ValueError`` with ``error``/``detail``).
+:class:`Explainer` is ``POST /explain``'s side of it in an API worker. PyTorch is imported when
+the first explanation runs, never at import: a worker that serves ONNX and is never asked to
+explain does not load it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
-import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
-from torch import nn
 
-from service.preprocess import InputSpec, normalize
-from service.registry import RegistryError, verify_artifact
+from service.batching import Overloaded
+from service.card import InputSpec, ModelCard, RegistryError, read_card
+from service.pipeline import decode_or_error
+from service.preprocess import DecodeBudget, ImageError, normalize
+from service.registry import verify_artifact
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MIN_PNG_SIDE = 224  # small inputs (CIFAR's 32x32) are drawn larger
 
@@ -46,15 +54,16 @@ class ExplainError(ValueError):
 def load_explainable(source: str | Path | nn.Module) -> nn.Module:
     """A module with a ``cam`` method (logits, feature map): a registry entry's TorchScript artifact
     (``source`` is its folder or any file in it; its card's sha256 is checked), or a module given."""
-    if isinstance(source, nn.Module):
+    import torch
+
+    if isinstance(source, torch.nn.Module):
         module = source
     else:
         path = Path(source)
         folder = path if path.is_dir() else path.parent
         try:
-            card = json.loads((folder / "card.json").read_text())
-            ts_path = verify_artifact(folder, card, "torchscript")
-        except (OSError, ValueError, KeyError, RegistryError) as exc:
+            ts_path = verify_artifact(folder, read_card(folder), "torchscript")
+        except (OSError, RegistryError) as exc:
             raise ExplainError("not_explainable", f"cannot load the TorchScript graph of {folder}: {exc}") from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -73,11 +82,17 @@ def gradcam(net: nn.Module, image_uint8: np.ndarray, spec: InputSpec,
     """(heat (H, W) in [0, 1] at the image's size, the explained class, the class probabilities)
     for one (3, H, W) uint8 image preprocessed as ``spec`` says. ``net`` has a ``cam`` method
     (:func:`load_explainable`); nothing is shared between calls, so threads may call at once."""
+    import torch
+
     image_uint8 = np.asarray(image_uint8)
     if image_uint8.ndim != 3 or image_uint8.shape[0] != 3 or image_uint8.dtype != np.uint8:
         raise ExplainError("bad_image", f"expected a (3, H, W) uint8 array, got {image_uint8.shape} "
                            f"{image_uint8.dtype}")
-    with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller runs in
+    # The graph runs as traced (optimized_execution off): TorchScript's profiling executor fuses
+    # small graphs into differentiable subgraphs that drop the feature map's gradient ("not used in
+    # the graph": seen with a one-convolution network), and it spent ~7 s a call re-profiling the
+    # catsdogs graph on its first explanations, for nothing after (0.64 s a call either way).
+    with torch.inference_mode(False), torch.enable_grad(), torch.jit.optimized_execution(False):
         x = torch.from_numpy(normalize(image_uint8[None], spec)).requires_grad_(True)
         if not hasattr(net, "cam"):
             raise ExplainError("not_explainable", "this graph has no Grad-CAM method (see load_explainable)")
@@ -91,7 +106,7 @@ def gradcam(net: nn.Module, image_uint8: np.ndarray, spec: InputSpec,
         gradient, = torch.autograd.grad(logits[0, class_index], activation)
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activation).sum(1, keepdim=True)).detach()
-    cam = nn.functional.interpolate(cam, size=image_uint8.shape[1:], mode="bilinear", align_corners=False)[0, 0]
+    cam = torch.nn.functional.interpolate(cam, size=image_uint8.shape[1:], mode="bilinear", align_corners=False)[0, 0]
     peak = float(cam.max())
     heat = (cam / peak).numpy() if peak > 0 else np.zeros(image_uint8.shape[1:], np.float32)
     return heat.astype(np.float32), class_index, torch.softmax(logits.detach(), 1)[0].numpy()
@@ -136,3 +151,61 @@ def central_share(heat: np.ndarray, fraction: float = 0.5) -> float:
     total = float(heat.sum())
     inner = float(heat[top:h - top, left:w - left].sum())
     return inner / total if total > 0 else 0.0
+
+
+# --- POST /explain in an API worker ----------------------------------------------------------------
+
+class NotExplainable(Exception):
+    """The model's registry entry has nothing Grad-CAM can run (the API answers 501)."""
+
+
+class Explainer:
+    """Grad-CAM for ``POST /explain``, in the API worker on the CPU.
+
+    Each model's Grad-CAM network is loaded by :func:`load_explainable` from its registry entry
+    (the TorchScript file, hash checked against the card) the first time it is asked for, once per
+    worker. One explanation runs at a time per worker, in a thread (the event loop keeps serving);
+    at most ``max_waiting`` more wait for their turn, and past that a request is refused with
+    :class:`~service.batching.Overloaded`.
+    """
+
+    def __init__(self, models_dir: Path, cards: dict[str, ModelCard], max_pixels: int,
+                 budget: DecodeBudget | None = None, max_waiting: int = 4) -> None:
+        self.models_dir = models_dir
+        self.cards = cards
+        self.max_pixels = max_pixels
+        self.budget = budget
+        self.max_waiting = max_waiting
+        self.nets: dict[str, Any] = {}  # model name -> torch.nn.Module, loaded on first use
+        self.turn = asyncio.Lock()
+        self.waiting = 0  # requests queued for or holding the turn
+
+    def network(self, model: str) -> Any:
+        if model not in self.nets:
+            folder = self.models_dir / model
+            self.nets[model] = load_explainable(verify_artifact(folder, self.cards[model], "torchscript"))
+        return self.nets[model]
+
+    def explain(self, model: str, data: bytes, class_index: int | None) -> bytes | ImageError:
+        """Decode as ``/classify`` does (the card's size, the pixel limit), then the Grad-CAM PNG."""
+        card = self.cards[model]
+        pixels = decode_or_error(data, card.input.size, self.max_pixels, self.budget)
+        if isinstance(pixels, ImageError):
+            return pixels
+        try:
+            return gradcam_png(self.network(model), pixels, card.input, class_index)
+        except RegistryError as exc:
+            raise NotExplainable(str(exc)) from None
+        except ExplainError as exc:
+            raise NotExplainable(exc.detail) from None
+
+    async def __call__(self, model: str, data: bytes, class_index: int | None) -> bytes | ImageError:
+        if self.waiting > self.max_waiting:
+            raise Overloaded(f"{self.waiting} explanations are running or waiting in this worker "
+                             f"(one runs at a time)", max(1, self.waiting))
+        self.waiting += 1
+        try:
+            async with self.turn:
+                return await asyncio.to_thread(self.explain, model, data, class_index)
+        finally:
+            self.waiting -= 1

@@ -224,15 +224,22 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     return load_rgb(open_for(data, size, max_pixels))
 
 
-# What Pillow raises on corrupt data, from its format plugins (Python) and decoders (C); the
-# fuzzers (benchmarks/fuzz_decode.py, tests/test_fuzz.py) check that nothing else escapes.
-CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError,
-                       TypeError, ZeroDivisionError)
+# What Pillow raises on corrupt data while it parses a file (Image.open, draft, load, the EXIF
+# block): its format plugins (Python) and decoders (C) raise OSError (truncated or bad data,
+# decoder errors), SyntaxError (a plugin's "not a PNG/GIF/... file"), ValueError, EOFError,
+# struct.error (a header shorter than it says) and, found by the fuzzer, TypeError (a TIFF whose
+# strip offset is a rational: ImageFile.load seeks to it; tests/test_fuzz.py). Only those calls are
+# wrapped (:func:`pillow_errors`); the project's own conversion code runs outside, so a bug there
+# (any exception) surfaces as itself, logged with its traceback and answered 500, never as
+# ``corrupt_image`` (tests/test_preprocess.py, tests/test_service_errors.py). The fuzzers
+# (benchmarks/fuzz_decode.py, tests/test_fuzz.py) check that no malformed file raises anything else.
+CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError)
 
 
 @contextmanager
 def pillow_errors() -> Iterator[None]:
-    """Turn Pillow's exceptions on hostile data into :class:`ImageError` codes."""
+    """Around Pillow's parsing of a file: its exceptions on hostile data become :class:`ImageError`
+    codes. Wrap nothing else in it."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -256,10 +263,13 @@ def open_for(data: bytes, size: Sequence[int] | None, max_pixels: int = DEFAULT_
 
 
 def load_rgb(image: Image.Image) -> Image.Image:
-    """Decode a lazily opened image's pixels and convert them (:func:`to_rgb`), or raise ImageError."""
+    """Decode a lazily opened image's pixels (ImageError for corrupt data), apply its EXIF
+    orientation, and convert them (:func:`to_rgb`)."""
     with pillow_errors():
         image.load()  # full decode here: truncated data and bad CRCs surface now
-        return to_rgb(image)
+        # the EXIF block is parsed here, and it may be corrupt; in place: no second full-size copy
+        ImageOps.exif_transpose(image, in_place=True)
+    return to_rgb(image)
 
 
 def decode_to_array(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -272,12 +282,11 @@ def decode_to_array(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation and convert any mode (L, LA, P, RGBA, CMYK, I;16, F, ...) to RGB.
+    """Convert a decoded image of any mode (L, LA, P, RGBA, CMYK, I;16, F, ...) to RGB.
 
-    The orientation is applied in place and each conversion makes one copy, so no more than two
-    full-size images are alive at any step (the caller's and the converted one).
+    Each conversion makes one copy, so no more than two full-size images are alive at any step
+    (the caller's and the converted one).
     """
-    ImageOps.exif_transpose(image, in_place=True)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         image = high_depth_to_l(image)
     if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):

@@ -5,7 +5,9 @@
 The port is ``--port``, else ``IMGCLF_PORT``, else 3000. A missing or corrupted artifact (sha256
 differs from its card), a bad default model or a port already in use ends start-up here with a
 one-line reason and exit code 2, before BentoML starts. The artifacts hashed here are not hashed
-again by the server (``service.registry.record_verified``).
+again by the server (``service.registry.record_verified``). The engine layout is decided here, once
+(:meth:`service.config.Settings.layout`), and handed to BentoML with the worker count, the timeout
+and the logging switches as ``--arg`` values (:class:`service.service.ServeArgs`).
 
 BentoML is started as ``sys.executable -m bentoml``: the same interpreter and packages as this
 process, wherever they are installed (a venv, ``pip --user``/``--target``, ``PYTHONPATH``).
@@ -19,7 +21,8 @@ import socket
 import sys
 
 from service.config import Settings
-from service.registry import RegistryError, load_cards
+from service.card import RegistryError
+from service.registry import load_cards
 
 
 def option(argv: list[str], name: str) -> str | None:
@@ -53,10 +56,7 @@ def fail(reason: str) -> None:
 def main(argv: list[str]) -> None:
     settings = Settings.from_env()
     try:
-        cards = load_cards(settings.models_dir, settings.models, settings.backend)
-        default = settings.resolve_default_model(cards)
-        if default not in cards:
-            raise RegistryError(f"default model {default!r} is not among {sorted(cards)} (set IMGCLF_DEFAULT_MODEL)")
+        cards, default = load_cards(settings.models_dir, settings.models, settings.backend, settings.default_model)
     except RegistryError as exc:
         fail(str(exc))
     port_text = option(argv, "--port") or os.environ.get("IMGCLF_PORT") or "3000"
@@ -67,10 +67,14 @@ def main(argv: list[str]) -> None:
         fail(problem)
     if option(argv, "--port") is None:
         argv = ["--port", port_text, *argv]
-    served = ", ".join(f"{name} v{card['version']}" for name, card in cards.items())
+    layout = settings.layout()
+    arguments = [f"--arg={key}={value}" for key, value in settings.bentoml_arguments(layout).items()]
+    served = ", ".join(f"{name} v{card.version}" for name, card in cards.items())
     print(f"imgclf: serving {served} (default {default}) from {settings.models_dir} "
-          f"({settings.backend}, device {settings.device}) on port {port_text}", file=sys.stderr, flush=True)
-    os.execv(sys.executable, [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier", *argv])
+          f"({settings.backend}, device {settings.device}, engine {layout}) on port {port_text}",
+          file=sys.stderr, flush=True)
+    os.execv(sys.executable, [sys.executable, "-m", "bentoml", "serve", "service.service:ImageClassifier",
+                              *arguments, *argv])
 
 
 if __name__ == "__main__":

@@ -1,39 +1,52 @@
-"""The BentoML services. ``bentoml serve service.service:ImageClassifier`` (or ``python -m service.serve``).
+"""The BentoML services: ``python -m service.serve`` (which checks the registry and the port, then runs
+``bentoml serve service.service:ImageClassifier`` with the ``--arg`` values below).
 
-* ``ImageClassifier``, the entry point: BentoML runs its workers (``IMGCLF_API_WORKERS``; ``auto``,
-  the default, uses the host's cores: see :func:`service.config.api_workers`) and serves ``/livez``, ``/readyz``, ``/metrics``; the API itself is the Starlette
-  app of :mod:`service.app`, mounted with BentoML's public ``@bentoml.asgi_app``.
-* where the models run (``IMGCLF_ENGINE``; ``auto``: ``service`` when CUDA is usable, else
-  ``inprocess``), see :mod:`service.engine`: each API worker batches its requests and runs a batch
-  with one call, either on its own copy of the models (``inprocess``) or as one call per batch to
-  ``InferenceEngine``, a one-worker service that owns the GPU (``service``).
+* ``ImageClassifier``, the entry point: BentoML runs its workers and serves ``/livez``, ``/readyz``,
+  ``/metrics``; the API itself is the Starlette app of :mod:`service.app`, mounted with BentoML's
+  public ``@bentoml.asgi_app``. Each request reaches its worker's service object through
+  ``bentoml.get_current_service()``; nothing is kept in this module.
+* where the models run (``layout``): ``inprocess``, each API worker batches its requests and runs a
+  batch on its own copy of the models (:class:`~service.runners.LocalRunner`); ``service``, one call
+  per batch to ``InferenceEngine``, a one-worker service that owns the GPU
+  (:class:`~service.runners.RemoteRunner`).
 
-Start-up, in order: ``check_registry`` (a BentoML deployment hook, once, in ``bentoml serve``'s
-own process before any worker starts) reads the settings and hashes every served artifact; a bad
+What BentoML needs before any service object exists (the layout, which decides whether the engine
+service is part of the graph; the worker count; the request timeout; the access log and tracing
+switches) comes from ``bentoml serve --arg KEY=VALUE`` through BentoML's public
+``bentoml.use_arguments`` (:class:`ServeArgs`): the launcher computes them once from the settings
+(:meth:`service.config.Settings.bentoml_arguments`). Importing this module reads no setting and
+imports no framework beyond BentoML; a plain ``bentoml serve service.service:ImageClassifier``
+serves in-process with one worker.
+
+Start-up, in order: ``check_registry`` (a BentoML deployment hook, once, in ``bentoml serve``'s own
+process before any worker starts) reads the settings and hashes every served artifact; a bad
 registry ends start-up there with one line and exit code 2. Then each worker's ``__init__`` reads
-the settings again, loads the cards (the hashes are not recomputed) and the models.
-
-Read when BentoML loads this module (it needs them to build the service graph): the worker count,
-the request timeout, the access log switch and the engine layout (:func:`service.config.bentoml_options`).
+the settings, loads the cards (the hashes are not recomputed) and the models.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
-import os
 import sys
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import bentoml
 import numpy as np
+from bentoml.exceptions import BentoMLException
+from pydantic import BaseModel, ConfigDict
 
-from service.app import Api, ApiHolder, LineFeedPaths, build_app
-from service.config import Settings, api_workers, bentoml_options
-from service.engine import Batcher, Explainer, LocalRunner, RemoteRunner, run_models, warm_up
+from service.app import Api, LineFeedPaths, build_app
+from service.batching import Batcher
+from service.card import RegistryError
+from service.config import Settings
+from service.explain import Explainer
 from service.logs import configure_logging
-from service.registry import LoadedModel, RegistryError, gpu_backend_usable, load_cards, load_registry
+from service.preprocess import DEFAULT_DECODE_BUDGET_BYTES, DecodeBudget
+from service.registry import LoadedModel, load_cards, load_registry
+from service.runners import LocalRunner, RemoteRunner, run_model, warm_up
 from service.schemas import openapi_document
 
 logger = logging.getLogger("imgclf.service")
@@ -62,16 +75,34 @@ def observe_batch(model: str, size: int) -> None:
     IMAGES.labels(model=model).inc(size)
 
 
-def engine_layout(engine: str, device: str, backend: str) -> str:
-    """``IMGCLF_ENGINE``; ``auto``: the engine service where the backend can run on a GPU here."""
-    if engine != "auto":
-        return engine
-    return "service" if device != "cpu" and gpu_backend_usable(backend) else "inprocess"
+class ServeArgs(BaseModel):
+    """``bentoml serve --arg`` values (defaults: what a plain ``bentoml serve`` gets)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layout: Literal["inprocess", "service"] = "inprocess"
+    workers: int = 1
+    timeout_s: int = 30
+    access_log: bool = False
+    tracing: bool = False
+
+
+ARGS = bentoml.use_arguments(ServeArgs)
+
+
+def current_api() -> Api | None:
+    """The Api of this worker's service object (None while it is being made)."""
+    try:
+        return getattr(bentoml.get_current_service(), "api", None)
+    except BentoMLException:  # no service object yet: the worker is starting
+        return None
+
+
+app = build_app(current_api)
 
 
 def load_models(settings: Settings, layout: str, threads: int) -> dict[str, LoadedModel]:
-    models = load_registry(settings.models_dir, settings.backend, settings.device,
-                           list(settings.models) or None, threads)
+    models = load_registry(settings.models_dir, settings.backend, settings.device, settings.models or None, threads)
     for name, model in models.items():
         logger.info("model ready: model=%s version=%s backend=%s device=%s engine=%s", name,
                     model.version, model.backend_name, model.backend.device, layout)
@@ -82,20 +113,10 @@ def load_models(settings: Settings, layout: str, threads: int) -> dict[str, Load
     return models
 
 
-_OPTIONS = bentoml_options()  # what BentoML's decorators need (see module doc)
-LAYOUT = engine_layout(_OPTIONS["engine"], _OPTIONS["device"], _OPTIONS["backend"])
-# The processes BentoML starts from this one inherit the decision (and skip the CUDA probe, which
-# imports torch: once per start, not once per worker).
-os.environ["IMGCLF_ENGINE"] = LAYOUT
-WORKERS = api_workers(LAYOUT)
-HOLDER = ApiHolder()
-app = build_app(HOLDER)
-
-
 @bentoml.service(
     name="inference-engine",
     workers=1,
-    traffic={"timeout": _OPTIONS["timeout_s"] + 1},
+    traffic={"timeout": ARGS.timeout_s + 1},
     logging={"access": {"enabled": False}},
     # BentoML's client to this service closes its whole connection pool every max_requests calls
     # (default 100) or max_age seconds, failing the calls in flight on it under concurrency.
@@ -114,21 +135,21 @@ class InferenceEngine:
     def predict(self, model: str, pixels: np.ndarray) -> np.ndarray:
         """(N, 3, H, W) uint8 images for ``model`` -> (N, classes) float32 probabilities."""
         ENGINE_CALLS.labels(model=model).inc()
-        return run_models(self.models, {model: pixels}, observe_batch)[model]
+        return run_model(self.models[model], pixels, observe_batch)
 
 
 @bentoml.service(
     name="image-classifier",
-    workers=WORKERS,
-    traffic={"timeout": _OPTIONS["timeout_s"] + 1},  # our own 408/503 answer first
-    logging={"access": {"enabled": _OPTIONS["access_log"]}},
+    workers=ARGS.workers,
+    traffic={"timeout": ARGS.timeout_s + 1},  # our own 408/503 answer first
+    logging={"access": {"enabled": ARGS.access_log}},
     # OpenTelemetry spans for every request cost ~12 % of a worker's CPU (profile in
     # docs/SERVING.md); the classify routes are traced only with IMGCLF_TRACING=1.
-    **({} if _OPTIONS["tracing"] else {"tracing": {"excluded_urls": ["/classify", "/classify_batch", "/explain"]}}),
+    **({} if ARGS.tracing else {"tracing": {"excluded_urls": ["/classify", "/classify_batch", "/explain"]}}),
 )
 @bentoml.asgi_app(app, path="/")
 class ImageClassifier:
-    if LAYOUT == "service":
+    if ARGS.layout == "service":
         engine = bentoml.depends(InferenceEngine)
 
     @bentoml.on_deployment
@@ -136,8 +157,7 @@ class ImageClassifier:
         """Once per start, before any worker: every served artifact hashed against its card."""
         settings = Settings.from_env()
         try:
-            cards = load_cards(settings.models_dir, settings.models, settings.backend)
-            load_cards_default(settings, cards)
+            load_cards(settings.models_dir, settings.models, settings.backend, settings.default_model)
         except RegistryError as exc:
             print(f"imgclf: cannot start: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
@@ -145,24 +165,23 @@ class ImageClassifier:
     def __init__(self) -> None:
         settings = Settings.from_env()
         configure_logging(settings.log_format, settings.log_level)
-        cards = load_cards(settings.models_dir, settings.models, settings.backend)
-        default = load_cards_default(settings, cards)
-        layout = engine_layout(settings.engine, settings.device, settings.backend)
-        if layout == "service":
-            runner: Any = RemoteRunner(self._engine_call, settings.max_pixels)
+        cards, default = load_cards(settings.models_dir, settings.models, settings.backend, settings.default_model)
+        budget = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)  # every decode of this worker shares it
+        if ARGS.layout == "service":
+            runner: Any = RemoteRunner(self._engine_call, settings.max_pixels, budget)
             logger.info("models run in the inference-engine service (engine=service)")
         else:
-            models = load_models(settings, layout, settings.threads_per_worker(api_workers(layout)))
-            runner = LocalRunner(models, settings.max_pixels, observe_batch)
+            models = load_models(settings, ARGS.layout, settings.threads_per_worker(ARGS.workers))
+            runner = LocalRunner(models, settings.max_pixels, budget, observe_batch)
         batcher = Batcher(runner, settings.max_batch_size, settings.max_latency_ms, settings.max_queue,
-                          settings.batching, in_flight=settings.in_flight(layout),
+                          settings.batching, in_flight=settings.in_flight(ARGS.layout),
                           max_queue_bytes=settings.max_queue_bytes)
-        HOLDER.api = Api(settings, cards, default, batcher,
-                         on_reject=lambda error: REJECTED.labels(error=error).inc(),
-                         on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
-                                                                            status=str(status)).inc(),
-                         openapi=_openapi_bytes(cards, default),
-                         explainer=Explainer(settings.models_dir, cards, settings.max_pixels))
+        self.api = Api(settings, cards, default, batcher,
+                       on_reject=lambda error: REJECTED.labels(error=error).inc(),
+                       on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
+                                                                          status=str(status)).inc(),
+                       openapi=json.dumps(openapi_document(sorted(cards), default)).encode(),
+                       explainer=Explainer(settings.models_dir, cards, settings.max_pixels, budget))
         # Everything loaded so far lives as long as the worker: move it out of the collector's
         # way, so the periodic full collections that requests trigger stay short.
         gc.collect()
@@ -182,16 +201,3 @@ class ImageClassifier:
 
 # a path with a line feed reaches the API app (BentoML's mount cannot route it; see LineFeedPaths)
 ImageClassifier.add_asgi_middleware(LineFeedPaths, api_app=app)
-
-
-def load_cards_default(settings: Settings, cards: dict[str, dict[str, Any]]) -> str:
-    default = settings.resolve_default_model(cards)
-    if default not in cards:
-        raise RegistryError(f"default model {default!r} is not among {sorted(cards)} (set IMGCLF_DEFAULT_MODEL)")
-    return default
-
-
-def _openapi_bytes(cards: dict[str, dict[str, Any]], default: str) -> bytes:
-    import json
-
-    return json.dumps(openapi_document(sorted(cards), default)).encode()

@@ -18,12 +18,14 @@ import httpx
 import pytest
 from PIL import Image
 
+from service.card import read_card
+
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = Path(os.environ.get("IMGCLF_DATASETS", REPO.parent / "shared" / "datasets"))
 CIFAR_ARCHIVE = DATASETS / "cifar10-jpeg.tar.gz"
 CATSDOGS_ARCHIVE = DATASETS / "catsdogs.tar.gz"
 SHIPPED_MODELS = REPO / "models"
-CIFAR_CARD = json.loads((SHIPPED_MODELS / "cifar10" / "card.json").read_text())
+CIFAR_CARD = read_card(SHIPPED_MODELS / "cifar10")
 
 # Tests share one cache of extracted archives and decoded tensors, outside the repository.
 os.environ.setdefault("IMGCLF_CACHE", str(Path.home() / ".cache" / "imgclf"))

@@ -31,7 +31,7 @@ class GatedRunner:
 
 
 def batcher(runner: GatedRunner, max_queue: int = 100, max_latency_ms: int = 10_000):
-    from service.engine import Batcher
+    from service.batching import Batcher
 
     return Batcher(runner, max_batch_size=8, max_latency_ms=max_latency_ms, max_queue=max_queue)
 
@@ -86,7 +86,7 @@ def test_batcher_skips_requests_whose_client_has_gone() -> None:
 
 
 def test_batcher_refuses_past_its_bounds_with_retry_after() -> None:
-    from service.engine import Overloaded
+    from service.batching import Overloaded
 
     async def scenario() -> tuple[Overloaded, BaseException, list]:
         runner = GatedRunner()
@@ -130,7 +130,7 @@ def test_batcher_refuses_before_the_body_is_read_when_the_wait_is_over_the_cap()
 def test_batcher_caps_the_upload_bytes_it_holds() -> None:
     """IMGCLF_MAX_QUEUE_BYTES: uploads queued or running count against the cap until their batch
     is done; past it, 503 material; a lone request is never refused for its size."""
-    from service.engine import Batcher, Overloaded
+    from service.batching import Batcher, Overloaded
 
     async def scenario() -> tuple:
         runner = GatedRunner()
@@ -155,7 +155,7 @@ def test_one_slow_batch_does_not_refuse_small_requests_while_a_slot_is_free() ->
     """After a batch of 64 large decodes took 0.64 s, a small request with a batch slot free is
     accepted under a 400 ms cap (a per-batch estimate, 0.64 s a batch, refused it); with both slots
     busy it is refused."""
-    from service.engine import Batcher
+    from service.batching import Batcher
 
     async def scenario() -> tuple:
         runner = GatedRunner()
@@ -178,7 +178,7 @@ def test_one_slow_batch_does_not_refuse_small_requests_while_a_slot_is_free() ->
 
 
 def test_batch_cost_separates_overhead_from_per_image_cost() -> None:
-    from service.engine import BatchCost
+    from service.batching import BatchCost
 
     cost = BatchCost()
     assert cost.seconds(10) == 0.0  # nothing measured: no estimate, no refusal
@@ -198,7 +198,7 @@ def test_slow_lone_requests_do_not_refuse_a_burst_that_runs_as_one_batch() -> No
     an engine round trip); then 16 requests arrive while both batch slots are busy. They run as one
     batch after the two running ones (~0.45 s); a per-image estimate (16 x 0.3 s / 2 = 2.4 s) refused
     them under the 2 s cap. A real overload, measured per image, is still refused at once."""
-    from service.engine import Batcher, Overloaded
+    from service.batching import Batcher, Overloaded
 
     async def scenario() -> tuple:
         runner = GatedRunner()
@@ -226,14 +226,15 @@ def test_onnx_runs_on_cpu_return_their_arena_memory() -> None:
     that ONNX Runtime's arena keeps without shrinking."""
     import psutil
 
-    from service.registry import ARENA_KEEP_INPUT_BYTES, load_model
+    from service.backends import ARENA_KEEP_INPUT_BYTES
+    from service.registry import load_model
 
     model = load_model(SHIPPED_MODELS / "catsdogs", "onnx", "cpu", threads=1)
     assert model.backend.device == "cpu"
     assert model.backend.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
-    probabilities = model.predict(np.zeros((2, 3, *model.spec.size), np.uint8))
+    probabilities = model.predict(np.zeros((2, 3, *model.card.input.size), np.uint8))
     assert probabilities.shape == (2, 2) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
-    big = np.zeros((32, 3, *model.spec.size), np.uint8)
+    big = np.zeros((32, 3, *model.card.input.size), np.uint8)
     assert big.size * 4 > ARENA_KEEP_INPUT_BYTES
     before = psutil.Process().memory_info().rss
     model.predict(big)
@@ -266,7 +267,8 @@ def test_batches_in_flight_auto_depends_on_the_layout(monkeypatch: pytest.Monkey
 def test_explainer_runs_one_at_a_time_and_refuses_past_its_waiting_bound() -> None:
     """Three explanations at once with room for one waiting: the first runs (in a thread), the
     second waits its turn, the third is refused at once; both accepted ones are real PNGs."""
-    from service.engine import Explainer, Overloaded
+    from service.batching import Overloaded
+    from service.explain import Explainer
 
     cards = {"cifar10": CIFAR_CARD}
     explainer = Explainer(SHIPPED_MODELS, cards, max_pixels=1_000_000, max_waiting=1)
@@ -283,7 +285,7 @@ def test_explainer_runs_one_at_a_time_and_refuses_past_its_waiting_bound() -> No
 
 
 def test_a_lone_body_is_never_refused_for_its_bytes() -> None:
-    from service.engine import Batcher
+    from service.batching import Batcher
 
     queue = Batcher(GatedRunner(), max_batch_size=8, max_latency_ms=1000, max_queue=100, max_queue_bytes=10)
     assert queue.hold_reading(12, own=12) is None  # over the cap, but nobody else holds bytes
@@ -329,9 +331,9 @@ def test_an_entry_without_the_backends_artifact_is_left_out_unless_named(tmp_pat
     del card["artifacts"]["torchscript"]
     (tmp_path / "onnx-only" / "card.json").write_text(json.dumps(card))
     (tmp_path / "onnx-only" / "model.torchscript.pt").unlink()
-    assert sorted(registry.load_cards(tmp_path, None, "onnx")) == ["cifar10", "onnx-only"]
+    assert sorted(registry.load_cards(tmp_path, None, "onnx").cards) == ["cifar10", "onnx-only"]
     with caplog.at_level("WARNING", logger="imgclf.registry"):
-        assert sorted(registry.load_cards(tmp_path, None, "torchscript")) == ["cifar10"]
+        assert sorted(registry.load_cards(tmp_path, None, "torchscript").cards) == ["cifar10"]
     assert "onnx-only has no torchscript artifact" in caplog.text
     assert sorted(registry.load_registry(tmp_path, "torchscript", "cpu")) == ["cifar10"]
     with pytest.raises(registry.RegistryError, match="no torchscript artifact"):

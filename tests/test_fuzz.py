@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import random
+import zlib
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from PIL import Image
 
 from benchmarks.fuzz_decode import SIZES, check, mutate, seed_corpus, set_header_size
-from service.preprocess import ImageError, decode_or_error
+from service.pipeline import decode_or_error
+from service.preprocess import ImageError
 
 SEEDS = seed_corpus(2)
 CORPUS = list(SEEDS.values())
@@ -91,3 +93,22 @@ def test_regression_png_with_a_corrupt_exif_chunk() -> None:
     Image.new("RGB", (8, 8)).save(buffer, "PNG", exif=b"Exif\x00\x00ML\xf7*\x00\x00\x00\x08")
     error = decode_or_error(buffer.getvalue(), (32, 32))
     assert isinstance(error, ImageError) and error.error == "corrupt_image"
+
+
+# hypothesis, 2026-12-05: a TIFF whose strip offset tag holds a rational; Pillow's ImageFile.load
+# seeks to it and raises TypeError (not one of the errors Pillow usually raises on corrupt data).
+# Stored zlib-compressed.
+HYPOTHESIS_RATIONAL_OFFSET_TIFF = zlib.decompress(base64.b64decode(
+    "eNqtlD1P21AUhq8JkABOHCchCc4nUVUEEh1BiE7OxNKhlfor+iM6deiv6cyEEGJgZGasOiBmZt6LH6PDQK8HIj26x9bJec+X79nZ"
+    "gWs45zadi1ZdJGsuImOvRLUXu4btWTd2Gq09n79E3/x3gO3azo2N/zfsmit/6bKgbUgMrQCr/MfbddGAunnn43TEUGyLHTEVTd6n"
+    "y7fzCOmvi9jodkWP2E18yjheO0M/47lLDp03ckkCxJyb6HvNjaX7WaN2G6sv5mKM9gj97n/yaAdoGNtrb4kV+uL77Xjvax6IXbGg"
+    "R++h38aPup/1bnPnLsWduBKPYoK+19wjt2GF/qcBNqi1Tn9nzDpiJn+kfZO/1ttjBsMK+9cJkBEzpgdr1H8h/ol7cZ4XPnM0FvQh"
+    "W4a/v5B+zDlgxgnz9/G/cPpZeJ99ch2bWYTiJ+TUYWf7nCl9jonp432gxh2I4CEvfCcwJU5WQT8190vCs93XAXaL3f7I819p/hCf"
+    "xe+82Msx2rvkN6qwX+UdkaJX3i+lfpMexGgfi1NxhI/fv+u88BuxczPsaYVvq+xDz/S/Ry+22Pse9Syo7ZP4Kr6LEzOPDObkMaqg"
+    "3zJ3aWL6kJocyt2bmDv2CA6F7sInAF2a1g=="))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_regression_tiff_with_a_rational_strip_offset(size: tuple[int, int]) -> None:
+    error = decode_or_error(HYPOTHESIS_RATIONAL_OFFSET_TIFF, size)
+    assert isinstance(error, ImageError) and error.error == "corrupt_image" and "TypeError" in error.detail

@@ -5,7 +5,7 @@ server, no dataset."""
 from __future__ import annotations
 
 import io
-import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.card import read_card
+from service.pipeline import decode_batch, decode_or_error
 from service.preprocess import (
     DECODE_BYTES_PER_PIXEL,
+    DEFAULT_MAX_PIXELS,
     DECODE_FIXED_BYTES,
     DRAFT_MARGIN,
     FORMAT_BYTES_PER_PIXEL,
     MAX_SIDE,
     DecodeBudget,
     ImageError,
-    InputSpec,
     decode_image,
-    decode_or_error,
-    load_file,
     max_decode_bytes,
     normalize,
     resize_and_crop,
@@ -35,8 +35,7 @@ from service.preprocess import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-CARDS = {p.parent.name: json.loads(p.read_text()) for p in sorted((REPO / "models").glob("*/card.json"))}
-SIZES = {name: tuple(card["input"]["size"]) for name, card in CARDS.items()}
+SIZES = {p.parent.name: read_card(p.parent).input.size for p in sorted((REPO / "models").glob("*/card.json"))}
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:
@@ -108,7 +107,7 @@ def test_webp_gets_a_proportionally_smaller_pixel_limit() -> None:
 # and libjpeg's buffers are not Python objects, so tracemalloc would not see them.
 PEAK_CHILD = textwrap.dedent("""
     import gc, sys
-    from service.preprocess import decode_or_error
+    from service.pipeline import decode_or_error
 
     def status(key):
         return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
@@ -180,8 +179,14 @@ def test_peak_memory_per_image_is_within_the_bound(case: str, model: str, peak_f
     assert int(peak) <= per_pixel * width * height + DECODE_FIXED_BYTES, (case, int(peak) / (width * height))
 
 
-def test_the_documented_bound_at_the_default_limit() -> None:
-    assert max_decode_bytes() == 10 * 40_000_000 + 16 * 1024 * 1024  # 416.8 MB, docs/RELIABILITY.md
+def test_the_bound_docs_reliability_states_is_the_codes() -> None:
+    """docs/RELIABILITY.md states the per-image bound in MB at the default pixel limit, twice; both
+    figures must be what the code enforces (a change of either constant must update the doc)."""
+    doc = (REPO / "docs" / "RELIABILITY.md").read_text()
+    stated = re.findall(r"max_decode_bytes\(\)` = ([0-9.]+) MB|\(([0-9.]+) MB at the default ([0-9]+) Mpx\)", doc)
+    figures = {float(a or b) for a, b, _ in stated}
+    assert len(stated) >= 2 and figures == {round(max_decode_bytes(DEFAULT_MAX_PIXELS) / 1e6, 1)}, stated
+    assert {int(mpx) for _, _, mpx in stated if mpx} == {DEFAULT_MAX_PIXELS // 1_000_000}
 
 
 def test_decode_budget_makes_a_second_decode_wait_for_the_first() -> None:
@@ -216,7 +221,7 @@ def test_decode_budget_makes_a_second_decode_wait_for_the_first() -> None:
 # --- values of each step, against a hand computation ------------------------------------------
 
 def test_constant_image_survives_resize_and_normalize_exactly() -> None:
-    spec = InputSpec.from_card(CARDS["catsdogs"])
+    spec = read_card(REPO / "models" / "catsdogs").input
     pixels = decode_or_error(encode(Image.new("RGB", (517, 333), (200, 100, 50)), "PNG"), spec.size)
     assert (pixels[0] == 200).all() and (pixels[1] == 100).all() and (pixels[2] == 50).all()
     out = normalize(pixels[None], spec)
@@ -354,10 +359,11 @@ def test_large_jpeg_draft_is_close_to_a_full_decode_and_small_ones_are_untouched
     assert decode_image(small, size=(96, 96)).size == (500, 375)
 
 
-def test_load_file_reads_a_file_like_an_upload(tmp_path: Path) -> None:
+def test_a_file_decodes_like_its_upload(tmp_path: Path) -> None:
     path = tmp_path / "x.png"
     path.write_bytes(encode(Image.new("RGB", (50, 40), (7, 8, 9)), "PNG"))
-    assert np.array_equal(load_file(str(path), (32, 32)), decode_or_error(path.read_bytes(), (32, 32)))
+    from_path, from_bytes = decode_batch([path], (32, 32)), decode_batch([path.read_bytes()], (32, 32))
+    assert from_path.good == from_bytes.good == [0] and np.array_equal(from_path.pixels, from_bytes.pixels)
 
 
 @pytest.mark.parametrize("data,code", [

@@ -30,7 +30,7 @@ def post(server: Server, files, data=None, path: str = "/classify") -> httpx.Res
 @pytest.fixture(scope="module")
 def cifar_samples(cifar_folder: Path) -> list[tuple[str, bytes]]:
     """Five real test JPEGs per class: (true label, file bytes)."""
-    return [(name, path.read_bytes()) for name in CIFAR_CARD["classes"]
+    return [(name, path.read_bytes()) for name in list(CIFAR_CARD.classes)
             for path in sorted((cifar_folder / "test" / name).glob("*.jpg"))[:5]]
 
 
@@ -40,13 +40,13 @@ def test_classify_real_cifar_images(server: Server, cifar_samples) -> None:
         response = post(server, {"image": ("x.jpg", data, "image/jpeg")})
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["model"] == "cifar10" and body["version"] == CIFAR_CARD["version"]
-        assert list(body["probabilities"]) == CIFAR_CARD["classes"]
+        assert body["model"] == "cifar10" and body["version"] == CIFAR_CARD.version
+        assert list(body["probabilities"]) == list(CIFAR_CARD.classes)
         assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
         assert [t["label"] for t in body["top_k"]][0] == body["label"] and len(body["top_k"]) == 5
         correct += body["label"] == label
-    assert correct / len(cifar_samples) >= CIFAR_CARD["metrics"]["test_accuracy"] - 0.15
+    assert correct / len(cifar_samples) >= CIFAR_CARD.metrics["test_accuracy"] - 0.15
 
 
 def test_top_k_is_clamped_and_sorted(server: Server, cifar_samples) -> None:
@@ -129,8 +129,8 @@ def test_models_endpoint_lists_cards(server: Server) -> None:
         response = httpx.get(server.url + path)
         assert response.status_code == 200, (path, response.status_code)  # no redirect, no empty body
         body = response.json()
-        assert body["default"] == "cifar10" and body["models"]["cifar10"]["version"] == CIFAR_CARD["version"]
-    assert httpx.get(server.url + "/models/cifar10").json()["classes"] == CIFAR_CARD["classes"]
+        assert body["default"] == "cifar10" and body["models"]["cifar10"]["version"] == CIFAR_CARD.version
+    assert httpx.get(server.url + "/models/cifar10").json()["classes"] == list(CIFAR_CARD.classes)
     missing = httpx.get(server.url + "/models/nope")
     assert missing.status_code == 404 and "cifar10" in missing.json()["detail"]["valid"]
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from conftest import REPO, Server
-from service.app import ApiHolder, build_app
+from service.app import build_app
 from service import schemas
 from service.schemas import CLASSIFY_ERRORS
 
@@ -39,7 +39,7 @@ UI_DIR = REPO / "service" / "ui"
 def fetch_all(paths: list[str]) -> list[httpx.Response]:
     """GET these paths from the app (in process, no server: the page needs no model)."""
     async def fetch() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=build_app(ApiHolder()))
+        transport = httpx.ASGITransport(app=build_app(lambda: None))
         async with httpx.AsyncClient(transport=transport, base_url="http://ui.test", follow_redirects=True) as client:
             return [await client.get(path) for path in paths]
     return asyncio.run(fetch())

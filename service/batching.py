@@ -1,16 +1,9 @@
-"""Where images become probabilities: one batching queue per API worker, and the model runners.
+"""The batching queue: one per API worker, on its event loop.
 
-Every API worker process has its own :class:`Batcher`. Requests put their uploads (raw bytes) on
-it; while a batch runs, the next requests queue, and the next batch takes everything queued (up to
-``max_batch_size``), so batches grow with load and a lone request never waits for company. A batch
-is decoded and run with **one** call of the runner:
-
-* :class:`LocalRunner` (``IMGCLF_ENGINE=inprocess``, CPU hosts): decode and model in one thread
-  hop per batch, inside the API worker;
-* :class:`RemoteRunner` (``IMGCLF_ENGINE=service``, GPU hosts): decode in the API worker, then one
-  call per batch (per model) to the engine service that owns the GPU. The engine therefore sees
-  ``workers x batches/s`` calls, never one call per request, and no stage that sees every request
-  is a single process.
+Requests put their uploads (raw bytes) on the worker's :class:`Batcher`. While a batch runs, the
+next requests queue, and the next batch takes everything queued (up to ``max_batch_size``), so
+batches grow with load and a lone request never waits for company. A batch is decoded and run
+with **one** call of the worker's runner (:mod:`service.runners`).
 
 The queue is bounded: a request that would wait longer than ``max_latency_ms`` (estimated from the
 images ahead of it, the batches they will form and a fitted batch cost, :class:`BatchCost`), that
@@ -25,15 +18,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-import numpy as np
-
-from service.preprocess import ImageError, InputSpec, decode_or_error
-from service.registry import LoadedModel, RegistryError, verify_artifact
+from service.preprocess import ImageError
 
 
 class Overloaded(Exception):
@@ -56,85 +45,10 @@ class Job:
     queued_at: float = field(default_factory=time.monotonic)
 
 
-Result = "np.ndarray | ImageError"
-
-
 class Runner(Protocol):
-    async def __call__(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]: ...
+    """Decodes and runs one batch of jobs: per job, in order, its probabilities or its ImageError."""
 
-
-def decode_jobs(jobs: Sequence[Job], max_pixels: int) -> list[np.ndarray | ImageError]:
-    return [decode_or_error(job.data, job.size, max_pixels) for job in jobs]
-
-
-def group_by_model(jobs: Sequence[Job], decoded: Sequence[np.ndarray | ImageError]) -> dict[str, list[int]]:
-    """Indices of the decoded images, per model (bad images left out)."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, (job, pixels) in enumerate(zip(jobs, decoded)):
-        if isinstance(pixels, np.ndarray):
-            groups[job.model].append(i)
-    return groups
-
-
-def run_models(models: dict[str, LoadedModel], groups: dict[str, np.ndarray],
-               observe: Callable[[str, int], None] | None = None) -> dict[str, np.ndarray]:
-    """One model call per model: {name: (N, 3, H, W) uint8} -> {name: (N, classes) probabilities}."""
-    out = {}
-    for name, batch in groups.items():
-        out[name] = models[name].predict(batch)
-        if observe is not None:
-            observe(name, len(batch))
-    return out
-
-
-def warm_up(models: dict[str, LoadedModel]) -> None:
-    """Run each model once at start-up, so the first request does not pay for the runtime's lazy
-    initialisation (and the queue's time estimate does not start from it)."""
-    for model in models.values():
-        height, width = model.spec.size
-        for n in (1, 8):
-            model.predict(np.zeros((n, 3, height, width), np.uint8))
-
-
-class LocalRunner:
-    """Decode and run a batch in the API worker: one thread hop per batch."""
-
-    def __init__(self, models: dict[str, LoadedModel], max_pixels: int,
-                 observe: Callable[[str, int], None] | None = None) -> None:
-        self.models = models
-        self.max_pixels = max_pixels
-        self.observe = observe
-        warm_up(models)
-
-    def run(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]:
-        decoded = decode_jobs(jobs, self.max_pixels)
-        groups = group_by_model(jobs, decoded)
-        stacked = {name: np.stack([decoded[i] for i in index]) for name, index in groups.items()}
-        probabilities = run_models(self.models, stacked, self.observe)
-        for name, index in groups.items():
-            for row, i in zip(probabilities[name], index):
-                decoded[i] = row
-        return decoded
-
-    async def __call__(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]:
-        return await asyncio.to_thread(self.run, jobs)
-
-
-class RemoteRunner:
-    """Decode in the API worker, then one engine call per model in the batch."""
-
-    def __init__(self, call: Callable[[str, np.ndarray], Awaitable[np.ndarray]], max_pixels: int) -> None:
-        self.call = call
-        self.max_pixels = max_pixels
-
-    async def __call__(self, jobs: Sequence[Job]) -> list[np.ndarray | ImageError]:
-        decoded = await asyncio.to_thread(decode_jobs, jobs, self.max_pixels)
-        groups = group_by_model(jobs, decoded)
-        for name, index in groups.items():
-            probabilities = await self.call(name, np.stack([decoded[i] for i in index]))
-            for row, i in zip(probabilities, index):
-                decoded[i] = row
-        return decoded
+    async def __call__(self, jobs: Sequence[Job]) -> list[Any]: ...
 
 
 class BatchCost:
@@ -325,62 +239,3 @@ class Batcher:
             else:
                 job.future.set_result(row)
         self._start(asyncio.get_running_loop())
-
-
-class NotExplainable(Exception):
-    """The model's registry entry has nothing Grad-CAM can run (:class:`service.explain.ExplainError`)."""
-
-
-class Explainer:
-    """Grad-CAM for ``POST /explain`` (:mod:`service.explain`), in the API worker on the CPU.
-
-    Each model's Grad-CAM network is loaded by :func:`service.explain.load_explainable` from its
-    registry entry (given the TorchScript file, hash checked against the card) the first time it
-    is asked for, once per worker. One explanation runs at a time per
-    worker, in a thread (the event loop keeps serving); at most ``max_waiting`` more wait for their
-    turn, and past that a request is refused with :class:`Overloaded`.
-    """
-
-    def __init__(self, models_dir: Path, cards: dict[str, dict[str, Any]], max_pixels: int,
-                 max_waiting: int = 4) -> None:
-        self.models_dir = models_dir
-        self.cards = cards
-        self.max_pixels = max_pixels
-        self.max_waiting = max_waiting
-        self.nets: dict[str, Any] = {}  # model name -> torch.nn.Module, loaded on first use
-        self.turn = asyncio.Lock()
-        self.waiting = 0  # requests queued for or holding the turn
-
-    def network(self, model: str) -> Any:
-        if model not in self.nets:
-            from service.explain import load_explainable
-
-            folder = self.models_dir / model
-            self.nets[model] = load_explainable(verify_artifact(folder, self.cards[model], "torchscript"))
-        return self.nets[model]
-
-    def explain(self, model: str, data: bytes, class_index: int | None) -> bytes | ImageError:
-        """Decode as ``/classify`` does (the card's size, the pixel limit), then the Grad-CAM PNG."""
-        from service.explain import ExplainError, gradcam_png
-
-        card = self.cards[model]
-        pixels = decode_or_error(data, card["input"]["size"], self.max_pixels)
-        if isinstance(pixels, ImageError):
-            return pixels
-        try:
-            return gradcam_png(self.network(model), pixels, InputSpec.from_card(card), class_index)
-        except RegistryError as exc:
-            raise NotExplainable(str(exc)) from None
-        except ExplainError as exc:
-            raise NotExplainable(exc.detail) from None
-
-    async def __call__(self, model: str, data: bytes, class_index: int | None) -> bytes | ImageError:
-        if self.waiting > self.max_waiting:
-            raise Overloaded(f"{self.waiting} explanations are running or waiting in this worker "
-                             f"(one runs at a time)", max(1, self.waiting))
-        self.waiting += 1
-        try:
-            async with self.turn:
-                return await asyncio.to_thread(self.explain, model, data, class_index)
-        finally:
-            self.waiting -= 1
