@@ -107,7 +107,7 @@ async def read_form(receive: Receive, headers: dict[bytes, bytes], settings: Set
                     budget: Batcher | None = None) -> Form:
     """Stream the body into the multipart parser, enforcing the size limit and the body timeout;
     with ``budget``, the bytes received count against the worker's upload-byte cap while they are
-    read (503 ``overloaded`` past it, :meth:`~service.engine.Batcher.hold_reading`)."""
+    read (503 ``overloaded`` past it, :meth:`~service.batching.Batcher.hold_reading`)."""
     limit = settings.max_body_bytes
     too_large = Rejected(413, "body_too_large", f"request body exceeds {limit} bytes (IMGCLF_MAX_BODY_BYTES)")
     try:

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import CIFAR_CARD, SHIPPED_MODELS, encode
 
 class GatedRunner:
-    """A runner for :class:`service.engine.Batcher` that holds each batch until released and
+    """A runner for :class:`service.batching.Batcher` that holds each batch until released and
     records what it was given (the real model runs in the server tests; this checks the queue)."""
 
     def __init__(self, fail_first: bool = False) -> None:
