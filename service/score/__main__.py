@@ -2,4 +2,5 @@
 
 from service.score.cli import main
 
-raise SystemExit(main())
+# the usage line keeps the name it has always had (python -m service.score ran service/score.py)
+raise SystemExit(main(prog="score.py"))

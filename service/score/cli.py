@@ -33,10 +33,10 @@ class Scorer(Protocol):
     def close(self, cancel: bool = False) -> None: ...
 
 
-def make_parser(settings: Settings) -> argparse.ArgumentParser:
+def make_parser(settings: Settings, prog: str | None = None) -> argparse.ArgumentParser:
     from service import score
 
-    parser = argparse.ArgumentParser(description=score.__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog, description=score.__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--model", default=settings.default_model)
@@ -60,9 +60,10 @@ def make_parser(settings: Settings) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The command; ``prog``: the name its usage line shows (default: argparse's, from sys.argv)."""
     settings = Settings.from_env()
-    parser = make_parser(settings)
+    parser = make_parser(settings, prog)
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"{args.folder} is not a folder")
