@@ -18,6 +18,14 @@ In-process scoring decodes in ``--workers`` processes (default ``auto``: cores -
 whole batch, while the model runs on the previous one; ``--workers 0`` decodes in this process.
 Only what the backend and device need is imported: ONNX on a host without a CUDA driver never
 imports torch.
+
+The package, one idea a module: :mod:`~service.score.sources` (the files, their relative names
+and labels, the model's folder), :mod:`~service.score.kaggle` (the submission format),
+:mod:`~service.score.rows` (a scored batch and its output rows), the scorers
+(:mod:`~service.score.local`, :mod:`~service.score.remote`, :mod:`~service.score.ray_data`;
+each builds its batches with :mod:`service.pipeline`), :mod:`~service.score.cuda` (GPU runner and
+nvJPEG), :mod:`~service.score.outputs` (output files, resume), :mod:`~service.score.metrics`
+(accuracy, confusion text and PNG) and :mod:`~service.score.cli` (the command, step by step).
 """
 
 from service.score.cli import main, make_parser, run
@@ -27,11 +35,13 @@ from service.score.kaggle import check_kaggle_ids, kaggle_id, kaggle_rows
 from service.score.local import LocalScorer
 from service.score.metrics import confusion_png, confusion_text, evaluate, write_confusion
 from service.score.outputs import prepare_output, read_existing, side_file, write_atomic, write_text_atomic
+from service.score.ray_data import RayScorer
+from service.score.remote import RemoteScorer
 from service.score.rows import ScoredBatch, batch_rows
 from service.score.sources import KAGGLE_NAME, LabelFinder, model_folder, relative_names, true_label, walk_files
 
-__all__ = ["KAGGLE_NAME", "GpuJpegDecoder", "LabelFinder", "LocalScorer", "PinnedCudaRunner", "ScoreError",
-           "ScoredBatch", "batch_rows", "check_kaggle_ids", "confusion_png", "confusion_text", "cuda_present",
-           "evaluate", "kaggle_id", "kaggle_rows", "main", "make_parser", "model_folder", "prepare_output",
-           "read_existing", "relative_names", "resolve_device", "run", "side_file", "true_label", "walk_files",
-           "write_atomic", "write_confusion", "write_text_atomic"]
+__all__ = ["GpuJpegDecoder", "KAGGLE_NAME", "LabelFinder", "LocalScorer", "PinnedCudaRunner", "RayScorer",
+           "RemoteScorer", "ScoreError", "ScoredBatch", "batch_rows", "check_kaggle_ids", "confusion_png",
+           "confusion_text", "cuda_present", "evaluate", "kaggle_id", "kaggle_rows", "main", "make_parser",
+           "model_folder", "prepare_output", "read_existing", "relative_names", "resolve_device", "run",
+           "side_file", "true_label", "walk_files", "write_atomic", "write_confusion", "write_text_atomic"]

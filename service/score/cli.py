@@ -19,8 +19,11 @@ from service.config import Settings
 from service.decode_pool import resolve_workers
 from service.score.errors import ScoreError
 from service.score.kaggle import check_kaggle_ids, check_kaggle_model, kaggle_rows
+from service.score.local import LocalScorer
 from service.score.metrics import evaluate, write_metrics
 from service.score.outputs import prepare_output, read_existing, side_file, write_atomic, write_errors
+from service.score.ray_data import RayScorer
+from service.score.remote import RemoteScorer
 from service.score.rows import ScoredBatch, batch_rows, error_rows, output_columns
 from service.score.sources import LabelFinder, model_folder, relative_names, walk_files
 
@@ -118,19 +121,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def connect(args: argparse.Namespace, settings: Settings) -> Scorer:
-    from service.score.remote import RemoteScorer
-
     return RemoteScorer(args.url, args.model, min(args.batch_size, settings.max_files), args.concurrency)
 
 
 def make_local_scorer(args: argparse.Namespace, settings: Settings, card: ModelCard) -> Scorer:
     if args.engine == "ray":
-        from service.score.ray_data import RayScorer
-
         return RayScorer(args.models_dir, args.model, args.backend, args.device, args.batch_size,
                          args.actors, settings.max_pixels, card=card)
-    from service.score.local import LocalScorer
-
     return LocalScorer(args.models_dir, args.model, args.backend, args.device, args.batch_size,
                        args.workers, settings.max_pixels, args.decode, card=card)
 
