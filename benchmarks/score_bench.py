@@ -53,9 +53,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.decode_pool import DecodePool, available_cores, resolve_workers  # noqa: E402
+from service.card import read_card  # noqa: E402
+from service.config import host_cores  # noqa: E402
+from service.decode_pool import DecodePool, resolve_workers  # noqa: E402
 from service.preprocess import DEFAULT_MAX_PIXELS  # noqa: E402
-from service.registry import read_card  # noqa: E402
 from service.score import LocalScorer, walk_files  # noqa: E402
 
 
@@ -169,7 +170,7 @@ def main() -> int:
     workers = resolve_workers(args.workers or "auto")
     batch = args.batch_size or 256
     card = read_card(args.models_dir / args.model)
-    size = tuple(card["input"]["size"])
+    size = card.input.size
 
     with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
         paths = walk_files(folder)
@@ -223,7 +224,7 @@ def main() -> int:
     model = (model_before + model_after) / 2
     end_to_end = len(files) / seconds
     result: dict[str, Any] = {
-        "machine": f"{platform.machine()}, {available_cores()} cores ({os.cpu_count()} online)",
+        "machine": f"{platform.machine()}, {host_cores()} cores ({os.cpu_count()} online)",
         "folder": str(args.folder or folder), "model": args.model,
         "backend": args.backend or "onnx (default)", "device": args.device or "auto (default)",
         "model_device": scorer.model.backend.device if scorer.model else None,  # where it ran: cpu or cuda

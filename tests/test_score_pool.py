@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -13,9 +14,18 @@ import pytest
 from PIL import Image
 
 from service import score
-from service.decode_pool import DecodePool, decode_batch, plain_jpeg_pixels, resolve_workers
-from service.preprocess import decode_or_error
+from service.decode_pool import DecodePool, resolve_workers
+from service.pipeline import decode_batch, plain_jpeg_pixels
+from service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_to_array
 from conftest import REPO, SHIPPED_MODELS
+
+
+def general(data: bytes, size: tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | ImageError:
+    """The general decoder alone (no fast path): what the fast path must agree with."""
+    try:
+        return decode_to_array(data, size, max_pixels)
+    except ImageError as exc:
+        return exc
 
 
 @pytest.fixture()
@@ -39,6 +49,10 @@ def mixed_folder(tmp_path: Path, cifar_folder: Path) -> Path:
     return root
 
 
+def errors(batch) -> list[tuple[int, str, str]]:
+    return [(i, e.error, e.detail) for i, e in batch.errors]
+
+
 def test_worker_processes_write_the_same_bytes_as_one_process(mixed_folder: Path, tmp_path: Path) -> None:
     outputs = {}
     for workers in ("0", "2"):
@@ -57,7 +71,7 @@ def test_fast_path_matches_the_service_decoder_and_declines_the_rest(cifar_folde
     blobs = [p.read_bytes() for p in sorted((cifar_folder / "test" / "bird").glob("*.jpg"))[:300]]
     for blob in blobs:
         fast = plain_jpeg_pixels(blob, (32, 32))
-        assert fast is not None and np.array_equal(fast, decode_or_error(blob, (32, 32)))
+        assert fast is not None and np.array_equal(fast, general(blob, (32, 32)))
     image = Image.open(io.BytesIO(blobs[0]))
     exif, xmp, gray = io.BytesIO(), io.BytesIO(), io.BytesIO()
     exif_data = Image.Exif()
@@ -69,9 +83,9 @@ def test_fast_path_matches_the_service_decoder_and_declines_the_rest(cifar_folde
     image.convert("L").save(gray, "JPEG")
     for declined in (exif.getvalue(), xmp.getvalue(), gray.getvalue(), blobs[1][:-40], b""):
         assert plain_jpeg_pixels(declined, (32, 32)) is None
-    assert np.array_equal(plain_jpeg_pixels(blobs[2], (64, 40)), decode_or_error(blobs[2], (64, 40)))  # resized
+    assert np.array_equal(plain_jpeg_pixels(blobs[2], (64, 40)), general(blobs[2], (64, 40)))  # resized
     # the XMP-rotated file really is rotated by the general path, which is why it is declined
-    assert not np.array_equal(decode_or_error(xmp.getvalue(), (32, 32)), decode_or_error(blobs[0], (32, 32)))
+    assert not np.array_equal(general(xmp.getvalue(), (32, 32)), general(blobs[0], (32, 32)))
 
 
 def test_fast_path_on_photos_resized_and_large(catsdogs_folder: Path) -> None:
@@ -79,19 +93,19 @@ def test_fast_path_on_photos_resized_and_large(catsdogs_folder: Path) -> None:
     for path in photos:
         blob = path.read_bytes()
         fast = plain_jpeg_pixels(blob, (96, 96))
-        assert fast is not None and np.array_equal(fast, decode_or_error(blob, (96, 96)))
+        assert fast is not None and np.array_equal(fast, general(blob, (96, 96)))
     big, medium = io.BytesIO(), io.BytesIO()
     Image.open(photos[0]).resize((1600, 1200)).save(big, "JPEG")
     Image.open(photos[0]).resize((500, 380)).save(medium, "JPEG")
     assert plain_jpeg_pixels(big.getvalue(), (96, 96)) is None  # the general path decodes it at 1/2 scale
-    assert np.array_equal(plain_jpeg_pixels(medium.getvalue(), (96, 96)), decode_or_error(medium.getvalue(), (96, 96)))
+    assert np.array_equal(plain_jpeg_pixels(medium.getvalue(), (96, 96)), general(medium.getvalue(), (96, 96)))
 
 
 def test_decode_batch_lists_unreadable_files(cifar_folder: Path, tmp_path: Path) -> None:
     good = sorted((cifar_folder / "test" / "cat").glob("*.jpg"))[:3]
     batch = decode_batch([str(good[0]), str(tmp_path / "gone.jpg"), str(good[1]), str(tmp_path)], (32, 32))
     assert batch.good == [0, 2] and batch.pixels.shape == (2, 3, 32, 32)
-    assert [(i, e) for i, e, _ in batch.errors] == [(1, "unreadable_file"), (3, "unreadable_file")]
+    assert [(i, e.error) for i, e in batch.errors] == [(1, "unreadable_file"), (3, "unreadable_file")]
 
 
 def test_pool_returns_batches_in_submission_order(cifar_folder: Path) -> None:
@@ -119,13 +133,15 @@ def test_shared_memory_slots_give_the_pipes_bytes_and_are_reused(cifar_folder: P
         kinds = [isinstance(f, _SlotFuture) for f in futures]
         batches = [f.result() for f in futures]
         assert sorted(pool._free) == list(range(6))
+        shared = [Path("/dev/shm", s.name) for s in pool.slots]
+    assert not [p for p in shared if p.exists()]  # removed on close
     assert kinds == [True] * 6 + [False] * 3
     for chunk, batch in zip(chunks, batches):
         inline = decode_batch(chunk, (32, 32))
-        assert batch.good == inline.good and batch.errors == inline.errors
+        assert batch.good == inline.good and errors(batch) == errors(inline)
         assert np.array_equal(batch.pixels, inline.pixels)
-    assert [e for _, e, _ in batches[0].errors] == ["unreadable_file"]
-    assert [e for _, e, _ in batches[1].errors] == ["not_an_image"]
+    assert [e.error for _, e in batches[0].errors] == ["unreadable_file"]
+    assert [e.error for _, e in batches[1].errors] == ["not_an_image"]
 
 
 def test_garbage_is_collected_before_the_workers_fork(tmp_path: Path) -> None:
@@ -154,14 +170,102 @@ def test_garbage_is_collected_before_the_workers_fork(tmp_path: Path) -> None:
         gc.enable()
 
 
-def test_workers_setting() -> None:
-    import os
+def where_read(pool: DecodePool) -> str:
+    """Which process a pool reads its files in: this test's own thread ``/proc/self/task/<pid>``
+    exists only in this process, so reading it answers ``not_an_image`` here (a text file) and
+    ``unreadable_file`` in any other process."""
+    probe = f"/proc/self/task/{os.getpid()}/stat"
+    (_, error), = pool.submit([probe]).result().errors
+    return {"not_an_image": "here", "unreadable_file": "elsewhere"}[error.error]
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert resolve_workers("auto") == max(1, cores - 1)
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("setting", ["0", "1", "2", "auto"])
+def test_workers_setting_decodes_in_that_many_processes(setting: str, cifar_folder: Path) -> None:
+    """``--workers N`` starts N decoding processes and reads every file in them; ``0`` starts none
+    and decodes here; ``auto`` starts at least one and leaves a core for the model (on a host
+    with more than one)."""
+    import psutil
+
+    from service.config import host_cores
+
+    me = psutil.Process()
+    files = [str(p) for p in sorted((cifar_folder / "test" / "cat").glob("*.jpg"))[:64]]
+    before = {p.pid for p in me.children(recursive=True)}
+    with DecodePool(resolve_workers(setting), (32, 32), batch_size=8) as pool:
+        started = [p for p in me.children(recursive=True)  # forks, not Python's resource tracker
+                   if p.pid not in before and p.cmdline() == me.cmdline()]
+        futures = [pool.submit(files[i:i + 8]) for i in range(0, 64, 8)]
+        pixels = np.concatenate([f.result().pixels for f in futures])
+        where = where_read(pool)
+    assert np.array_equal(pixels, decode_batch(files, (32, 32)).pixels)
+    if setting == "auto":
+        assert 1 <= len(started) and (len(started) < host_cores() or host_cores() == 1)
+    else:
+        assert len(started) == int(setting)
+    assert where == ("here" if setting == "0" else "elsewhere")
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in started)  # gone on close
+
+
+def test_workers_setting_refuses_negative_counts() -> None:
     assert resolve_workers("0") == 0 and resolve_workers(3) == 3
     with pytest.raises(ValueError):
         resolve_workers("-1")
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="shared memory is not under /dev/shm here")
+def test_shared_memory_is_removed_on_close_cancel_and_when_dropped(cifar_folder: Path) -> None:
+    import gc
+
+    files = [str(p) for p in sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[:64]]
+    names = []
+    for how in ("close", "cancel", "drop"):
+        pool = DecodePool(1, (32, 32), batch_size=8)
+        slots = [Path("/dev/shm", s.name) for s in pool.slots]
+        assert slots and all(p.exists() for p in slots)
+        futures = [pool.submit(files[i:i + 8]) for i in range(0, 64, 8)]
+        futures[0].result()
+        if how == "close":
+            pool.close()
+        elif how == "cancel":
+            pool.close(cancel=True)  # batches still queued and running
+        else:  # never closed: removed when the pool is collected
+            [f.result() for f in futures]
+            del pool, futures
+            gc.collect()
+        names += slots
+    assert not [p for p in names if p.exists()]
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="shared memory is not under /dev/shm here")
+def test_a_dead_worker_leaves_no_shared_memory_and_no_warning(cifar_folder: Path) -> None:
+    """A decode worker killed mid-run breaks the pool (the scorer reports it and stops); closing
+    the pool then removes every slot, and Python's resource tracker finds nothing leaked."""
+    files = [str(p) for p in sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[:256]]
+    code = f"""
+import os, signal, psutil
+from concurrent.futures.process import BrokenProcessPool
+from service.decode_pool import DecodePool
+files = {files!r}
+pool = DecodePool(2, (32, 32), batch_size=16)
+print(" ".join(s.name for s in pool.slots))
+pool.submit(files[:16]).result()
+me = psutil.Process()
+worker, *_ = [c for c in me.children() if c.cmdline() == me.cmdline()]  # a fork, not the resource tracker
+os.kill(worker.pid, signal.SIGKILL)
+try:
+    for _ in range(1000):  # the pool notices the death within a few batches
+        futures = [pool.submit(files[i:i + 16]) for i in range(0, 256, 16)]
+        [f.result() for f in futures]
+except BrokenProcessPool:
+    print("broken")
+pool.close(cancel=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.endswith("broken\n"), proc.stderr
+    names = proc.stdout.splitlines()[0]
+    assert not [n for n in names.split() if Path("/dev/shm", n).exists()]
+    assert "leaked" not in proc.stderr and "resource_tracker" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("device", ["cpu", "auto"])
@@ -199,7 +303,7 @@ def test_gpu_jpeg_hand_off_leaves_only_plain_jpegs_at_size_undecoded(mixed_folde
     names = [Path(f).name for f in files]
     assert sorted(names[i] for i, _ in handed.jpegs) == sorted(p.name for p in (mixed_folder / "horses").glob("0*.jpg"))
     assert sorted(names[i] for i in handed.good) == ["as.png", "gray.jpg", "large.jpg", "rotated.jpg"]
-    assert handed.errors == cpu.errors and sorted(handed.good + [i for i, _ in handed.jpegs]) == cpu.good
+    assert errors(handed) == errors(cpu) and sorted(handed.good + [i for i, _ in handed.jpegs]) == cpu.good
 
 
 def test_gpu_decode_without_a_gpu_is_one_line(mixed_folder: Path, tmp_path: Path,
@@ -241,7 +345,7 @@ def test_fast_path_keeps_the_pixel_limit() -> None:
     assert plain_jpeg_pixels(big.getvalue(), (32, 32), max_pixels=10_000) is None
     batch = decode_batch([], (32, 32))
     assert batch.good == [] and batch.pixels.shape == (0, 3, 32, 32)
-    assert decode_or_error(big.getvalue(), (32, 32), 10_000).error == "image_too_large"
+    assert general(big.getvalue(), (32, 32), 10_000).error == "image_too_large"
 
 
 def test_fast_path_never_disagrees_with_the_service_decoder_on_damaged_jpegs(cifar_folder: Path) -> None:
@@ -263,9 +367,9 @@ def test_fast_path_never_disagrees_with_the_service_decoder_on_damaged_jpegs(cif
             data = data[:rng.randrange(scan + 12, len(data) - 2)] + b"\xff\xd9"
         else:
             data[rng.randrange(2, scan)] = rng.randrange(256)
-        fast, general = plain_jpeg_pixels(bytes(data), (32, 32)), decode_or_error(bytes(data), (32, 32))
+        fast, slow = plain_jpeg_pixels(bytes(data), (32, 32)), general(bytes(data), (32, 32))
         if fast is None:
             declined += 1
         else:
-            assert isinstance(general, np.ndarray) and np.array_equal(fast, general)
+            assert isinstance(slow, np.ndarray) and np.array_equal(fast, slow)
     assert 0 < declined < 300
