@@ -17,6 +17,7 @@ from typing import Any, Iterator, Protocol, Sequence
 from service.card import ModelCard, RegistryError, read_card
 from service.config import Settings
 from service.decode_pool import resolve_workers
+from service.registry import FALLBACK_DEFAULT_MODEL
 from service.score.errors import ScoreError
 from service.score.kaggle import check_kaggle_ids, check_kaggle_model, kaggle_rows
 from service.score.local import LocalScorer
@@ -36,13 +37,14 @@ class Scorer(Protocol):
     def close(self, cancel: bool = False) -> None: ...
 
 
-def make_parser(settings: Settings, prog: str | None = None) -> argparse.ArgumentParser:
-    from service import score
+DESCRIPTION = "Score every image in a folder: in-process (default) or through a running server (``--url``)."
 
-    parser = argparse.ArgumentParser(prog=prog, description=score.__doc__.split("\n\n")[0],
+
+def make_parser(settings: Settings, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--model", default=settings.default_model)
+    parser.add_argument("--model", default=settings.default_model or FALLBACK_DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, required=True, help=".csv, .jsonl or .parquet (its folder is created)")
     parser.add_argument("--kaggle", action="store_true", help="write id,label (probability of dog)")
     parser.add_argument("--resume", action="store_true", help="skip files already in --out")

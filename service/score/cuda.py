@@ -1,30 +1,16 @@
-"""Scoring on a CUDA GPU: whether there is one (without importing a framework), the TorchScript
-runner fed from pinned memory, and ``--decode gpu``'s nvJPEG decoder. torch and torchvision are
+"""Scoring on a CUDA GPU: which device ``auto`` means (``backends.cuda_present``: no framework
+imported), the TorchScript runner fed from pinned memory, and ``--decode gpu``'s nvJPEG decoder. torch and torchvision are
 imported only when one of these classes is made."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Sequence
 
 import numpy as np
 
+from service.backends import cuda_present
 from service.pipeline import DecodedBatch, decode_batch
 from service.preprocess import ImageError
-
-
-def cuda_present() -> bool:
-    """Whether the CUDA driver sees a GPU, asked of the driver itself (``cuInit`` and
-    ``cuDeviceGetCount`` through ctypes): milliseconds, where importing torch to ask takes seconds."""
-    import ctypes
-
-    name = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"
-    try:
-        driver = ctypes.CDLL(name)
-    except OSError:
-        return False
-    count = ctypes.c_int(0)
-    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def resolve_device(device: str) -> str:
