@@ -20,6 +20,7 @@ the request timeout, the access log switch and the engine layout (:func:`service
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 import sys
@@ -162,7 +163,9 @@ class ImageClassifier:
                          on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
                                                                             status=str(status)).inc(),
                          openapi=_openapi_bytes(cards, default),
-                         explainer=Explainer(settings.models_dir, cards, settings.max_pixels))
+                         # without torch (the CPU image) /explain answers 501 not_explainable
+                         explainer=Explainer(settings.models_dir, cards, settings.max_pixels)
+                         if importlib.util.find_spec("torch") else None)
         # Everything loaded so far lives as long as the worker: move it out of the collector's
         # way, so the periodic full collections that requests trigger stay short.
         gc.collect()
