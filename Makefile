@@ -145,12 +145,15 @@ container-base:
 		|| container/make-base.sh $(CONTAINER_BASE) $(CONTAINER_CACHE) $(DEBIAN_MIRROR) $(PODMAN)
 
 # Wheels for the image's Python (WHEEL_PY=3.12 for the CUDA base, Ubuntu 24.04); git ignores them.
-wheelhouse-cpu: setup
-	$(PY) -m pip download --quiet --only-binary=:all: $(WHEEL_PY_ARGS) -d wheelhouse/cpu \
+# No `setup` prerequisite: the container targets never touch .venv (tests/test_container.py runs
+# `make container` from inside `make test`); any Python with pip will do.
+PIP_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+wheelhouse-cpu:
+	$(PIP_PY) -m pip download --quiet --only-binary=:all: $(WHEEL_PY_ARGS) -d wheelhouse/cpu \
 		-r requirements-serve-cpu.txt -c requirements.lock
 
-wheelhouse-gpu: setup
-	$(PY) -m pip download --quiet --only-binary=:all: $(WHEEL_PY_ARGS) -d wheelhouse/gpu \
+wheelhouse-gpu:
+	$(PIP_PY) -m pip download --quiet --only-binary=:all: $(WHEEL_PY_ARGS) -d wheelhouse/gpu \
 		-r requirements-serve.txt -c requirements.lock
 
 container: container-base wheelhouse-cpu
