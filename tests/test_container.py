@@ -115,8 +115,10 @@ class Container:
 
 @pytest.fixture(scope="module")
 def container(image: str) -> Iterator[Container]:
-    """The CPU image with its baked-in registry, read-only root, a tmpfs at /tmp."""
-    box = Container(image)
+    """The CPU image with its baked-in registry, read-only root, a tmpfs at /tmp. The queue-wait
+    cap is raised from 2 s: on a loaded 2-core machine the drain test's batches can wait longer,
+    and a 503 `overloaded` there would be load shedding, not what that test is about."""
+    box = Container(image, env={"IMGCLF_MAX_LATENCY_MS": "60000"})
     try:
         box.wait_ready()
         yield box
@@ -255,10 +257,10 @@ def test_tampered_model_refuses_to_start(image: str, tmp_path: Path) -> None:
 
 
 def test_stop_drains_in_flight_requests(container: Container, cifar_folder: Path) -> None:
-    """`podman stop` while four batch requests are in flight: all four are answered in full, and
+    """`podman stop` while four 32-image batch requests are in flight: all four are answered in full, and
     the container exits by itself (status 0) within the stop timeout rather than being killed.
     Last in this module: it stops the shared container."""
-    photos = sorted((cifar_folder / "test" / "frog").glob("*.jpg"))[:64]
+    photos = sorted((cifar_folder / "test" / "frog").glob("*.jpg"))[:32]
     files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
     stopper: list[subprocess.Popen] = []
 
@@ -288,7 +290,7 @@ def test_stop_drains_in_flight_requests(container: Container, cifar_folder: Path
         assert not isinstance(answer, BaseException), answer
         status, body = answer
         assert status == 200, body[:500]
-        assert len(json.loads(body)["results"]) == 64
+        assert len(json.loads(body)["results"]) == 32
     assert len(answers) == 4
     state = container.inspect()["State"]
     assert state["Status"] == "exited" and state["ExitCode"] == 0, (state, container.logs()[-3000:])
