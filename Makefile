@@ -20,6 +20,16 @@ browser:
 		(command -v npm >/dev/null 2>&1 && npm ci --no-audit --no-fund --silent) \
 			|| echo "make browser: playwright-core not installed; tests/test_ui.py will skip"; fi
 
+# podman, runc and debootstrap for the container image and tests/test_container.py (no Docker engine
+# needed). Never fails setup: where they cannot be installed, that test skips and says why.
+container-tools:
+	@if ! command -v podman >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1 || [ ! -x $(RUNC) ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				podman runc debootstrap >/dev/null) \
+				|| echo "make container-tools: podman/runc/debootstrap not installed; tests/test_container.py will skip"; \
+		else echo "make container-tools: podman/runc/debootstrap need apt-get as root; tests/test_container.py will skip"; fi; fi
+
 $(VENV)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -112,6 +122,55 @@ compare-optimizers: setup
 
 compare-architectures: setup
 	$(PY) benchmarks/compare.py architectures --out runs/compare-architectures $(ARGS)
+
+# ---- containers (Dockerfile; docs/DEPLOY.md) -------------------------------------------------------
+# The CPU image, built here by podman with no image registry: the base is Debian made by debootstrap
+# from the Debian package registry (CONTAINER_BASE, made once), the Python packages come from a
+# wheelhouse downloaded on this machine (the build container has no TLS trust for the index).
+# podman's defaults ask for more than this sandbox allows: runc (crun fails on hybrid cgroups) and
+# explicit ulimits. tests/test_container.py uses the same image and flags.
+RUNC ?= /usr/sbin/runc
+PODMAN ?= podman --runtime $(RUNC)
+PODMAN_LIMITS := --ulimit nofile=20000:20000 --ulimit nproc=4096:4096
+CONTAINER_BASE ?= localhost/debian:bookworm
+CONTAINER_IMAGE ?= localhost/image-classifier:cpu
+CONTAINER_GPU_IMAGE ?= localhost/image-classifier:gpu
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+CONTAINER_CACHE ?= $(HOME)/.cache/imgclf/container
+WHEEL_PY ?=
+WHEEL_PY_ARGS := $(if $(WHEEL_PY),--python-version $(WHEEL_PY),)
+
+container-base:
+	@$(PODMAN) image exists $(CONTAINER_BASE) \
+		|| container/make-base.sh $(CONTAINER_BASE) $(CONTAINER_CACHE) $(DEBIAN_MIRROR) $(PODMAN)
+
+# Wheels for the image's Python (WHEEL_PY=3.12 for the CUDA base, Ubuntu 24.04); git ignores them.
+# No `setup` prerequisite: the container targets never touch .venv (tests/test_container.py runs
+# `make container` from inside `make test`); any Python with pip will do.
+PIP_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+wheelhouse-cpu:
+	$(PIP_PY) -m pip download --quiet --only-binary=:all: $(WHEEL_PY_ARGS) -d wheelhouse/cpu \
+		-r requirements-serve-cpu.txt -c requirements.lock
+
+wheelhouse-gpu:
+	$(PIP_PY) -m pip download --quiet --only-binary=:all: $(WHEEL_PY_ARGS) -d wheelhouse/gpu \
+		-r requirements-serve.txt -c requirements.lock
+
+container: container-base wheelhouse-cpu
+	$(PODMAN) build $(PODMAN_LIMITS) --format docker --target cpu \
+		--build-arg CPU_BASE=$(CONTAINER_BASE) -t $(CONTAINER_IMAGE) .
+	@$(PODMAN) image inspect --format '$(CONTAINER_IMAGE): {{.Size}} bytes' $(CONTAINER_IMAGE)
+
+# The GPU image on the same Debian base (the CUDA base cannot be pulled here): proves its install
+# step resolves offline; it cannot run here (no GPU in the container).
+container-gpu: container-base wheelhouse-gpu
+	$(PODMAN) build $(PODMAN_LIMITS) --format docker --target gpu \
+		--build-arg GPU_BASE=$(CONTAINER_BASE) -t $(CONTAINER_GPU_IMAGE) .
+	@$(PODMAN) image inspect --format '$(CONTAINER_GPU_IMAGE): {{.Size}} bytes' $(CONTAINER_GPU_IMAGE)
+
+# Runs the CPU image and checks it from outside (tests/test_container.py); builds it first.
+container-test: container
+	IMGCLF_CONTAINER_BUILT=1 $(PY) -m pytest tests/test_container.py
 
 lint: setup
 	$(VENV)/bin/hadolint Dockerfile

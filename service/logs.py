@@ -39,13 +39,20 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str, level: str) -> None:
-    """Route every ``imgclf.*`` logger to stderr in the chosen format (idempotent). BentoML's own
-    lines keep BentoML's format."""
+    """Route every ``imgclf.*`` logger to stdout in the chosen format (idempotent): in a container,
+    JSON lines on stdout are what log collectors read."""
     root = logging.getLogger("imgclf")
     root.setLevel(level)
     root.propagate = False
     for handler in root.handlers[:]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
+    if fmt == "json":
+        # BentoML's lines from this worker (its access log, its errors) as JSON lines too; only the
+        # few start and stop lines of the `bentoml serve` parent process keep BentoML's text.
+        for name in ("bentoml", "uvicorn.error", "circus", None):
+            for bentoml_handler in logging.getLogger(name).handlers:
+                if type(bentoml_handler) is logging.StreamHandler:  # BentoML's console handler
+                    bentoml_handler.setFormatter(JsonFormatter())

@@ -27,6 +27,7 @@ the settings, loads the cards (the hashes are not recomputed) and the models.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import logging
 import sys
@@ -181,7 +182,9 @@ class ImageClassifier:
                        on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
                                                                           status=str(status)).inc(),
                        openapi=json.dumps(openapi_document(sorted(cards), default)).encode(),
-                       explainer=Explainer(settings.models_dir, cards, settings.max_pixels, budget))
+                       # without torch (the CPU image) /explain answers 501 not_explainable
+                       explainer=Explainer(settings.models_dir, cards, settings.max_pixels, budget)
+                       if importlib.util.find_spec("torch") else None)
         # Everything loaded so far lives as long as the worker: move it out of the collector's
         # way, so the periodic full collections that requests trigger stay short.
         gc.collect()

@@ -165,7 +165,7 @@ def engine_service_server() -> Iterator[Server]:
 # lives in a file that serves or packages for real. `make test` runs both tiers.
 SLOW_FIXTURES = {"server", "engine_service_server", "lone_model_server", "cifar_folder", "catsdogs_folder",
                  "tiny_run"}
-SLOW_FILES = {"test_service.py", "test_packaging.py"}
+SLOW_FILES = {"test_service.py", "test_packaging.py", "test_container.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

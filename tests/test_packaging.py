@@ -40,6 +40,38 @@ def test_serving_pins_agree_with_the_lock_and_the_environment() -> None:
         assert metadata.version(name) == lock[name], name
 
 
+def test_cpu_image_requirements_are_the_gpu_ones_without_cuda() -> None:
+    """requirements-serve-cpu.txt (the Dockerfile's `cpu` target): the serving pins with the CPU
+    onnxruntime at onnxruntime-gpu's version, and neither torch nor any CUDA package."""
+    lock, serve = pins(REPO / "requirements.lock"), pins(REPO / "requirements-serve.txt")
+    cpu = pins(REPO / "requirements-serve-cpu.txt")
+    assert cpu.pop("onnxruntime") == lock["onnxruntime-gpu"]
+    assert cpu == {name: v for name, v in serve.items() if name not in ("onnxruntime-gpu", "torch")}
+    assert not [name for name in cpu if "torch" in name or "nvidia" in name or "cuda" in name]
+
+
+def test_dockerfile_targets_and_context() -> None:
+    """Two targets, GPU the default (the last stage) on the CUDA base, CPU on a plain Debian base,
+    each base a build argument; the build context (.dockerignore) is the serving code, the models
+    and the requirements, without training code, tests, datasets or report images."""
+    text = dockerfile()
+    stages = re.findall(r"^FROM \$\{(\w+)\} AS (\w+)$", text, re.M)
+    assert stages == [("CPU_BASE", "cpu"), ("GPU_BASE", "gpu")], stages
+    assert re.search(r"^ARG GPU_BASE=nvidia/cuda:\S+-runtime-\S+$", text, re.M)
+    assert re.search(r"^ARG CPU_BASE=debian:\S+-slim$", text, re.M)
+    cpu, gpu = text.split("AS gpu")
+    assert "requirements-serve-cpu.txt" in cpu and "requirements-serve.txt " not in cpu
+    assert "pip install -r requirements-serve.txt -c requirements.lock" in gpu
+    ignore = (REPO / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") + 1:][:2] == ["!service/", "!models/"]
+    assert not [line for line in ignore if line.startswith("!") and
+                line.strip("!/") in ("training", "tests", "runs", "benchmarks", "docs")]
+
+
+def test_wheelhouse_is_never_committed() -> None:
+    assert (REPO / "wheelhouse" / ".gitignore").read_text().splitlines()[1:4] == ["*", "!.gitignore", "!README.md"]
+
+
 def test_locked_environment_is_consistent() -> None:
     """Every installed package's own requirements are met (e.g. torchvision's torch range by the
     locked torch): `pip check` fails when the lock pins an incompatible pair."""
@@ -57,10 +89,11 @@ def dockerfile() -> str:
 
 
 def test_dockerfile_install_command_is_satisfied_offline() -> None:
-    """The Dockerfile's own pip line (same files, same flags), resolved with no index at all:
-    every requirement and constraint must be met by the pinned environment (nothing is fetched)."""
-    line = next(l for l in dockerfile().splitlines() if l.startswith("RUN pip install"))
-    args = line.split("pip install", 1)[1].split()
+    """The GPU image's pip line (same files, same flags), resolved with no index at all: every
+    requirement and constraint must be met by the pinned environment (nothing is fetched)."""
+    gpu = dockerfile().split("AS gpu", 1)[1]
+    line = re.search(r"pip install (-r requirements-serve\.txt[^\\\n]*)", gpu).group(1)
+    args = line.split()
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", *args],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -130,6 +163,12 @@ def test_entrypoint_serves_and_drains_on_sigterm(cifar_folder: Path) -> None:
                 time.sleep(0.5)
         else:
             pytest.fail("entrypoint did not become ready")
+        # the image's HEALTHCHECK command: healthy on IMGCLF_PORT, unhealthy on a port nobody serves
+        health = subprocess.run([str(script), "--healthcheck"], env=env, capture_output=True, timeout=30)
+        assert health.returncode == 0, health.stderr
+        sick = subprocess.run([str(script), "--healthcheck"], env={**env, "IMGCLF_PORT": str(free_port())},
+                              capture_output=True, timeout=30)
+        assert sick.returncode != 0
         photos = sorted((cifar_folder / "test" / "frog").glob("*.jpg"))[:64]
         files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
         # SIGTERM goes out only once the server has provably started the request: its "100 Continue"
