@@ -6,9 +6,10 @@ PORT ?= 3000
 
 .PHONY: setup browser test test-fast serve gpu-run train-fast train-cifar10 export-cifar10 export-cifar10-shared \
 	quantize-cifar10 train-catsdogs export-catsdogs train-catsdogs-cifar train-catsdogs-lenet train-cifar10-resnet20 \
-	train-catsdogs-resnet20 compare-optimizers compare-architectures lint clean
+	train-catsdogs-resnet20 compare-optimizers compare-architectures lint clean \
+	container-tools container-base wheelhouse-cpu wheelhouse-gpu container container-gpu container-test
 
-setup: $(VENV)/.installed browser
+setup: $(VENV)/.installed browser container-tools
 
 # Chromium and playwright-core for tests/test_ui.py (the /ui page in a real browser). Never fails
 # setup: where either cannot be installed, that test skips and says why.
