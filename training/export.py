@@ -5,7 +5,8 @@
 The exported graphs include the softmax, so every backend returns probabilities. Before anything
 is written, ONNX Runtime's and TorchScript's outputs on real test images must match the PyTorch
 model within ``--tolerance`` (max abs difference of the probabilities), or the export fails.
-The registry entry is assembled in a staging folder and swapped in whole.
+The registry entry is assembled in a staging folder and swapped in whole (:mod:`training.staging`);
+this module decides what the graphs compute and what the card (a :class:`service.card.ModelCard`) says.
 
 Calibration (on unless ``--no-calibrate``): one temperature ``T`` is fitted on the validation split
 by NLL and the graphs output ``softmax(logits / T)``; the card's ``calibration`` records ``T`` and
