@@ -95,25 +95,20 @@ train-catsdogs-lenet: setup
 # The earlier shipped models, kept as docs/TRAINING.md's comparison rows: a ResNet-20 in three
 # CPU-sized sessions (8 epochs, then 10 and 12 more from each checkpoint, a warm-up + decay cycle
 # each), and cats vs dogs transferred from its second session at 64, then 96 px. They ran with the
-# defaults training.train had then (OLD_RECIPE; docs/TRAINING.md: why they changed), in fp32.
-OLD_RECIPE := --schedule onecycle --warmup 0.15 --label-smoothing 0.1 --precision fp32
+# defaults training.train had then (the resnet20-old* presets; docs/TRAINING.md: why they changed), in fp32.
 train-cifar10-resnet20 runs/cifar10-resnet20-more/best.pt: setup
-	$(PY) -m training.train --dataset cifar10 --model resnet20 --epochs 8 --lr 0.1 --batch-size 256 $(OLD_RECIPE) \
-		--out runs/cifar10-resnet20
-	$(PY) -m training.train --dataset cifar10 --model resnet20 --init-from runs/cifar10-resnet20/best.pt \
-		--epochs 10 --lr 0.05 --batch-size 256 $(OLD_RECIPE) --out runs/cifar10-resnet20-more
-	$(PY) -m training.train --dataset cifar10 --model resnet20 --init-from runs/cifar10-resnet20-more/best.pt \
-		--epochs 12 --lr 0.05 --batch-size 256 $(OLD_RECIPE) --out runs/cifar10-resnet20-30ep
+	$(PY) -m training.train --preset resnet20-old --out runs/cifar10-resnet20
+	$(PY) -m training.train --preset resnet20-old-more --init-from runs/cifar10-resnet20/best.pt \
+		--out runs/cifar10-resnet20-more
+	$(PY) -m training.train --preset resnet20-old-30ep --init-from runs/cifar10-resnet20-more/best.pt \
+		--out runs/cifar10-resnet20-30ep
 
 train-catsdogs-resnet20: runs/cifar10-resnet20-more/best.pt
-	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 64 \
-		--init-from runs/cifar10-resnet20-more/best.pt --head-epochs 1 --epochs 8 --lr 0.05 --batch-size 128 $(OLD_RECIPE) \
+	$(PY) -m training.train --preset catsdogs-resnet20-old --init-from runs/cifar10-resnet20-more/best.pt \
 		--out runs/catsdogs-resnet20-transfer
-	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 64 \
-		--init-from runs/catsdogs-resnet20-transfer/best.pt --epochs 6 --lr 0.02 --batch-size 128 $(OLD_RECIPE) \
+	$(PY) -m training.train --preset catsdogs-resnet20-old-more --init-from runs/catsdogs-resnet20-transfer/best.pt \
 		--out runs/catsdogs-resnet20-transfer-more
-	$(PY) -m training.train --dataset catsdogs --model resnet20 --image-size 96 \
-		--init-from runs/catsdogs-resnet20-transfer-more/best.pt --epochs 6 --lr 0.02 --batch-size 128 $(OLD_RECIPE) \
+	$(PY) -m training.train --preset catsdogs-resnet20-old-96 --init-from runs/catsdogs-resnet20-transfer-more/best.pt \
 		--out runs/catsdogs-resnet20-96
 
 # The course's comparisons (docs/INSIGHT.md): SGD/RMSprop/Adam on one network, then the zoo, on a

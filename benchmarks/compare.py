@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from training.train import parse_args, pick_device, train  # noqa: E402
+from training.compute import pick_device  # noqa: E402
+from training.train import parse_args, train  # noqa: E402
 
 # name -> flags: each optimizer at the learning rate it is customarily used with
 OPTIMIZERS: dict[str, list[str]] = {

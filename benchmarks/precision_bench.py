@@ -28,13 +28,13 @@ sys.path.insert(0, str(REPO))
 
 from training.nets import build_model  # noqa: E402
 from training.precision import RECORDED_FLAGS, cpu_flags, resolve_precision  # noqa: E402
-from training.presets import PRESETS  # noqa: E402
-from training.train import hardware  # noqa: E402
+from training.compute import hardware  # noqa: E402
+from training.presets import recipe  # noqa: E402
 
 # (preset, network, batch, side): each preset's network and resolution (the CIFAR presets at batch
 # 512, half theirs, as issue 18's table), and resnet20, the earlier shipped network
-CASES = [*((name, PRESETS[name]["model"], min(512, PRESETS[name]["batch_size"]), PRESETS[name].get("image_size", 32)
-            if PRESETS[name]["dataset"] == "catsdogs" else 32) for name in ("fast", "ship", "catsdogs-imagenet")),
+CASES = [*((name, recipe(name)["model"], min(512, recipe(name)["batch_size"]), recipe(name).get("image_size", 32)
+            if recipe(name)["dataset"] == "catsdogs" else 32) for name in ("fast", "ship", "catsdogs-imagenet")),
          ("-", "resnet20", 256, 32)]
 VARIANTS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from service.registry import load_model, model_folders
-    from training.export import card_dataset
+    from training.compute import hardware
     from training.precision import RECORDED_FLAGS, cpu_flags
-    from training.train import hardware
+    from training.splits import card_dataset
     import torch
 
     entries = {}
@@ -63,12 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, (model, _) in entries.items():
         card = model.card
-        tta = (card.get("test_time_augmentation") or {}).get("level", 0)
-        rows.append({"name": name, "version": card["version"], "architecture": card["architecture"],
+        tta = card.tta_level
+        rows.append({"name": name, "version": card.version, "architecture": card.architecture,
                      "tta_level": tta, "views": {0: 1, 1: 2, 2: 6}[tta],
-                     "int8": "quantization" in card, "test_accuracy": card["metrics"]["test_accuracy"],
-                     "test_images": card["metrics"]["test_images"],
-                     "onnx_bytes": card["artifacts"]["onnx"]["bytes"],
+                     "int8": "quantization" in card.extra, "test_accuracy": card.metrics["test_accuracy"],
+                     "test_images": card.metrics["test_images"],
+                     "onnx_bytes": card.artifact("onnx").bytes,
                      "cpu_ms_per_image": statistics.median(cpu[name]), "cpu_ms_rounds": cpu[name],
                      "wall_ms_per_image": statistics.median(wall[name])})
     print(f"| entry | views | int8 | test accuracy | CPU ms / image | wall ms / image | ONNX MB |\n"

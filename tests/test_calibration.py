@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.preprocess import InputSpec, normalize
+from service.card import read_card
+from service.preprocess import normalize
 from training.calibration import (calibration_summary, expected_calibration_error, fit_temperature,
                                   logits_from_probabilities, nll, reliability, softmax)
 
@@ -75,15 +76,16 @@ def calibrated_export(tmp_path_factory, cifar_folder: Path) -> tuple[Path, Path]
 
 def test_card_records_calibration_and_ece_does_not_rise(calibrated_export: tuple[Path, Path]) -> None:
     _, target = calibrated_export
-    card = json.loads((target / "card.json").read_text())
-    cal = card["calibration"]
+    card = read_card(target)
+    cal = card.calibration
+    assert card.temperature == cal["temperature"]
     assert set(cal) >= {"temperature", "test_ece_before", "test_ece_after", "test_nll_before", "test_nll_after",
                         "ece_bins", "method"}
     assert cal["ece_bins"] == 15 and cal["temperature"] > 0 and cal["temperature"] != 1.0
     assert cal["fitted_on_images"] == 10_000 and cal["measured_on_images"] == 10_000
     assert cal["test_ece_after"] <= cal["test_ece_before"]
     assert cal["test_nll_after"] <= cal["test_nll_before"]
-    assert "softmax(logits /" in card["output"]
+    assert "softmax(logits /" in card.extra["output"]
 
 
 def test_exported_graphs_output_the_checkpoints_tempered_softmax(calibrated_export: tuple[Path, Path]) -> None:
@@ -91,14 +93,14 @@ def test_exported_graphs_output_the_checkpoints_tempered_softmax(calibrated_expo
     from training.nets import build_model
 
     run, target = calibrated_export
-    card = json.loads((target / "card.json").read_text())
+    card = read_card(target)
     ckpt = torch.load(run / "best.pt", weights_only=True)
     model = build_model(ckpt["arch"], 10).eval()
     model.load_state_dict(ckpt["state_dict"])
-    x = normalize(D.load_cifar10().test.images[::400].numpy(), InputSpec.from_card(card))
+    x = normalize(D.load_cifar10().test.images[::400].numpy(), card.input)
     with torch.no_grad():
         logits = model(torch.from_numpy(x))
-    t = card["calibration"]["temperature"]
+    t = card.temperature
     expected = torch.softmax(logits / t, 1).numpy()
     session = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"input": x})[0] - expected).max() < 1e-4
@@ -113,8 +115,9 @@ def test_export_api_default_keeps_the_plain_softmax(calibrated_export: tuple[Pat
     from training.export import export
 
     run, _ = calibrated_export
-    card = json.loads((export(run, "plain", tmp_path, 1e-4, 16) / "card.json").read_text())
-    assert "calibration" not in card
+    target = export(run, "plain", tmp_path, 1e-4, 16)
+    assert read_card(target).calibration is None
+    assert "calibration" not in json.loads((target / "card.json").read_text())
 
 
 @pytest.mark.parametrize("name", ["cifar10", "catsdogs"])
@@ -123,15 +126,16 @@ def test_shipped_models_serve_their_cards_calibration(name: str, cifar_folder: P
     have the card's ECE after calibration, undoing the card's T (softmax(T x log p)) gives back its
     ECE before, and a temperature fitted again on the served validation output is ~1."""
     from training.calibration import expected_calibration_error, softmax
-    from training.report import card_dataset, onnx_log_probabilities
+    from training.report import onnx_log_probabilities
+    from training.splits import card_dataset
 
     folder = REPO / "models" / name
-    card = json.loads((folder / "card.json").read_text())
-    cal = card["calibration"]
+    card = read_card(folder)
+    cal = card.calibration
     assert cal["test_ece_after"] < cal["test_ece_before"] and cal["test_nll_after"] < cal["test_nll_before"]
-    spec = InputSpec.from_card(card)
+    spec = card.input
     data = card_dataset(card)
-    onnx = folder / card["artifacts"]["onnx"]["file"]
+    onnx = folder / card.artifact("onnx").file
     val_logp, test_logp = onnx_log_probabilities(onnx, data.val, spec), onnx_log_probabilities(onnx, data.test, spec)
     labels = data.test.labels
     assert expected_calibration_error(softmax(test_logp), labels) == pytest.approx(cal["test_ece_after"], abs=1e-3)

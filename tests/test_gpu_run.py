@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from service.card import read_card
+
 from conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_run.py"
@@ -33,8 +35,8 @@ def test_smoke_run_trains_exports_scores_serves_and_reports(tmp_path: Path, cifa
     assert not failed and done.returncode == 0, (failed, done.stdout[-3000:])
     # the registry it exported serves: both cards, with the run's command and seed
     for name in ("cifar10", "catsdogs"):
-        card = json.loads((out / "registry" / name / "card.json").read_text())
-        assert card["training"]["seed"] == 0 and "--preset" in card["training"]["command"]
+        card = read_card(out / "registry" / name)
+        assert card.training["seed"] == 0 and "--preset" in card.training["command"]
     # checkpoints only of what ships; the other runs leave their metrics
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["catsdogs-imagenet", "cifar10-ship"]
     assert (out / "checkpoints" / "cifar10-ship" / "best.pt").exists()

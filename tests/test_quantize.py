@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from service.card import read_card
 from service.registry import load_cards, load_model, sha256_file
 
 
@@ -28,16 +29,20 @@ def exported(tmp_path_factory, cifar_folder: Path) -> Path:
 def test_int8_entry_is_quantised_measured_and_served(exported: Path, tmp_path: Path) -> None:
     from training.quantize import quantize_entry
 
-    source = json.loads((exported / "card.json").read_text())
+    source = read_card(exported)
     target = quantize_entry(exported, "cifar10-int8", exported.parent, calibration_images=256)
-    card = json.loads((target / "card.json").read_text())
-    assert list(card["artifacts"]) == ["onnx"]  # ONNX only
-    artifact = target / card["artifacts"]["onnx"]["file"]
-    assert card["version"] == sha256_file(artifact)[:12] != source["version"]
-    q = card["quantization"]
-    assert q["source_version"] == source["version"] and q["calibration_images"] == 256
-    assert q["test"]["fp32"] == pytest.approx(source["metrics"]["test_accuracy"], abs=1e-9)
-    assert card["metrics"]["test_accuracy"] == q["test"]["int8"] >= q["test"]["fp32"] - 0.01
+    card = read_card(target)
+    assert list(card.artifacts) == ["onnx"]  # ONNX only
+    artifact = target / card.artifact("onnx").file
+    assert card.version == sha256_file(artifact)[:12] != source.version
+    q = card.extra["quantization"]
+    assert q["source_version"] == source.version and q["calibration_images"] == 256
+    assert q["test"]["fp32"] == pytest.approx(source.metrics["test_accuracy"], abs=1e-9)
+    assert card.metrics["test_accuracy"] == q["test"]["int8"] >= q["test"]["fp32"] - 0.01
+    # the source card's keys in their places (the float graphs' parity dropped), quantization last
+    written = list(json.loads((target / "card.json").read_text()))
+    assert written == [k for k in source.to_dict() if k != "parity"] + ["quantization"]
+    assert card.calibration == source.calibration and card.name == "cifar10-int8"
     assert q["test"]["agreement"] >= 0.9
     # really integer: QDQ nodes around the convolutions and int8 weight initialisers
     graph = onnx.load(str(artifact)).graph
@@ -60,8 +65,8 @@ def test_int8_entry_is_quantised_measured_and_served(exported: Path, tmp_path: P
     images = np.random.default_rng(0).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
     probabilities = model.predict(images)
     assert probabilities.shape == (5, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-4)
-    assert sorted(load_cards(exported.parent, None, "onnx")) == ["cifar10", "cifar10-int8"]
-    assert sorted(load_cards(exported.parent, None, "torchscript")) == ["cifar10"]
+    assert sorted(load_cards(exported.parent, None, "onnx").cards) == ["cifar10", "cifar10-int8"]
+    assert sorted(load_cards(exported.parent, None, "torchscript").cards) == ["cifar10"]
 
 
 def test_int8_that_loses_too_much_writes_nothing(exported: Path) -> None:

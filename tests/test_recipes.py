@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.nets import FastNet, TestTimeAugment, build_model
+from training.fastnet import FastNet
+from training.graph import TestTimeAugment
+from training.nets import build_model
+from training.optim import Lookahead, param_groups
+from training.presets import PRESETS, recipe
 from training.schedules import SCHEDULES, rates
-from training.presets import PRESETS
-from training.train import Lookahead, param_groups, parse_args
+from training.train import parse_args
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
@@ -113,7 +116,7 @@ def test_compile_probe_falls_back_to_eager_and_leaves_no_trace(capsys: pytest.Ca
     """A compiler stack that fails (here a backend that raises, on a GPU host e.g. Triton without a
     C compiler) leaves training eager with a warning, not dead at its first step; a working one is
     kept. Either way the probe's step changes no weight, gradient or BatchNorm statistic."""
-    from training.train import compile_checked
+    from training.compute import compile_checked
 
     def broken(graph, inputs):
         raise RuntimeError("no compiler on this host")
@@ -132,7 +135,7 @@ def test_compile_probe_falls_back_to_eager_and_leaves_no_trace(capsys: pytest.Ca
 
 
 def test_frozen_norm_statistics_stay_while_scale_and_shift_train() -> None:
-    from training.train import freeze_norm_statistics
+    from training.transfer import freeze_norm_statistics
 
     torch.manual_seed(0)
     model = build_model("resnet20", 2).train()
@@ -151,12 +154,42 @@ def test_every_preset_parses_and_names_a_known_network() -> None:
     from training.nets import ARCHITECTURES
     from training.presets import NEEDS_INIT_FROM
 
-    for name, recipe in PRESETS.items():
+    for name in PRESETS:
+        values = recipe(name)
         extra = ["--init-from", "x.pt"] if name in NEEDS_INIT_FROM else []
         args = parse_args(["--preset", name, "--out", "x", *extra])
-        assert args.model in ARCHITECTURES and args.dataset == recipe["dataset"], name
-        assert all(getattr(args, key) == value for key, value in recipe.items()), name
+        assert args.model in ARCHITECTURES and args.dataset == values["dataset"], name
+        assert all(getattr(args, key) == value for key, value in values.items()), name
     with pytest.raises(SystemExit):  # the CIFAR-transfer preset needs its checkpoint
         parse_args(["--preset", "catsdogs-cifar", "--out", "x"])
     with pytest.raises(SystemExit):  # ImageNet weights exist for two networks only
         parse_args(["--model", "resnet20", "--pretrained", "imagenet", "--out", "x"])
+
+
+def test_a_derived_preset_changes_only_what_it_names_and_keeps_the_rate_per_image() -> None:
+    """``base``: the smoke budgets and the old ResNet-20 sessions are their recipes with a few values
+    changed; a smaller batch without a rate of its own keeps the base's rate per image."""
+    fast, smoke = recipe("fast"), recipe("fast-smoke")
+    assert "base" not in smoke and smoke["batch_size"] == 256 and smoke["lr"] == pytest.approx(fast["lr"] / 4)
+    assert {k for k in fast if smoke[k] != fast[k]} == {"model", "epochs", "batch_size", "lr", "tta"}
+    more, old = recipe("resnet20-old-more"), recipe("resnet20-old")
+    assert (more["epochs"], more["lr"], more["precision"]) == (10, 0.05, "fp32") and more["schedule"] == old["schedule"]
+    assert recipe("catsdogs-resnet20-old-96")["image_size"] == 96 and recipe("catsdogs-resnet20-old-96")["lr"] == 0.02
+    with pytest.raises(SystemExit):  # a later session starts from the one before
+        parse_args(["--preset", "resnet20-old-more", "--out", "x"])
+
+
+def test_makefile_and_gpu_run_name_presets_instead_of_spelling_recipes() -> None:
+    """The recipe flags live in training/presets.py only: the Makefile's training commands and
+    benchmarks/gpu_run.py give a preset and per-run flags, never a rate, a schedule or a budget."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    commands = re.findall(r"-m training\.train ((?:[^\n]*\\\n)*[^\n]*)", (repo / "Makefile").read_text())
+    recipe_flags = ("--lr", "--schedule", "--warmup", "--label-smoothing", "--epochs", "--batch-size", "--model",
+                    "--dataset", "--optimizer", "--image-size", "--head-epochs", "--tta")
+    assert len(commands) >= 9 and all("--preset" in command for command in commands), commands
+    assert not [c for c in commands if any(f"{flag} " in c for flag in recipe_flags)], commands
+    gpu_run = (repo / "benchmarks" / "gpu_run.py").read_text()
+    assert not [flag for flag in recipe_flags if f'"{flag}"' in gpu_run and flag not in ("--model", "--image-size")]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from service.card import read_card
 from training.report import FIGURES, MAX_BYTES, write_report
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,9 +88,10 @@ def test_report_for_a_shipped_model_runs_its_onnx_graph(tmp_path: Path, catsdogs
     report = write_report(folder)
     check_figures(folder)
     assert not (folder / "report.json").exists()  # a registry folder gets figures only
-    card = json.loads((folder / "card.json").read_text())
-    assert report["test_images"] == card["metrics"]["test_images"] == 1000
-    assert report["test_accuracy_measured"] == pytest.approx(card["metrics"]["test_accuracy"], abs=0.002)
+    card = read_card(folder)
+    assert report["test_images"] == card.metrics["test_images"] == 1000
+    assert report["test_accuracy_measured"] == pytest.approx(card.metrics["test_accuracy"], abs=0.002)
+    assert report["calibration"]["card_calibration"] == card.calibration
     cal = report["calibration"]
     assert cal["test_ece_after"] <= cal["test_ece_before"]
 
@@ -102,7 +104,8 @@ def test_report_refuses_a_folder_without_a_model(tmp_path: Path) -> None:
 def test_first_layer_filters_and_stages_for_the_zoo() -> None:
     from training.cam import feature_stages
     from training.nets import ARCHITECTURES, build_model
-    from training.report import first_conv, stage_outputs
+    from training.monitor import first_conv
+    from training.report import stage_outputs
 
     for name in sorted(set(ARCHITECTURES) - {"tv_resnet18", "vgg16", "resnet34"}):
         net = build_model(name, 10).eval()

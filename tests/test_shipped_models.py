@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.preprocess import load_file
+from service.card import read_card
+from service.pipeline import decode_batch
 from service.registry import RegistryError, load_model, load_registry, sha256_file
 
 from conftest import SHIPPED_MODELS
@@ -24,20 +24,22 @@ def test_registry_ships_a_cifar10_model_within_budget() -> None:
 
 @pytest.mark.parametrize("card_path", CARDS, ids=lambda p: p.parent.name)
 def test_card_hashes_match_artifacts(card_path: Path) -> None:
-    card = json.loads(card_path.read_text())
-    assert card["version"] == card["artifacts"]["onnx"]["sha256"][:12]
-    for entry in card["artifacts"].values():
-        assert sha256_file(card_path.parent / entry["file"]) == entry["sha256"]
+    card = read_card(card_path.parent)
+    assert card.version == card.artifact("onnx").sha256[:12]
+    for entry in card.artifacts.values():
+        assert sha256_file(card_path.parent / entry.file) == entry.sha256
 
 
 def _cifar_test_sample(cifar_folder: Path, per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    card = json.loads((SHIPPED_MODELS / "cifar10" / "card.json").read_text())
-    images, labels = [], []
-    for label, name in enumerate(card["classes"]):
-        for path in sorted((cifar_folder / "test" / name).glob("*.jpg"))[:per_class]:
-            images.append(load_file(str(path), card["input"]["size"]))
-            labels.append(label)
-    return np.stack(images), np.array(labels), card["classes"]
+    card = read_card(SHIPPED_MODELS / "cifar10")
+    paths, labels = [], []
+    for label, name in enumerate(card.classes):
+        found = sorted((cifar_folder / "test" / name).glob("*.jpg"))[:per_class]
+        paths += found
+        labels += [label] * len(found)
+    batch = decode_batch(paths, card.input.size)  # the service's pipeline, as an upload would be decoded
+    assert not batch.errors and batch.good == list(range(len(paths)))
+    return batch.pixels, np.array(labels), list(card.classes)
 
 
 def test_cifar10_accuracy_on_real_test_images_matches_card(cifar_folder: Path) -> None:
@@ -47,17 +49,17 @@ def test_cifar10_accuracy_on_real_test_images_matches_card(cifar_folder: Path) -
     accuracy = float((probabilities.argmax(1) == labels).mean())
     assert np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
     # 1,000 of the 10,000 test images: within 4 points of the card's full-test figure
-    assert accuracy >= model.card["metrics"]["test_accuracy"] - 0.04, accuracy
+    assert accuracy >= model.card.metrics["test_accuracy"] - 0.04, accuracy
 
 
-@pytest.mark.parametrize("card_path", [c for c in CARDS if "torchscript" in json.loads(c.read_text())["artifacts"]],
+@pytest.mark.parametrize("card_path", [c for c in CARDS if "torchscript" in read_card(c.parent).artifacts],
                          ids=lambda p: p.parent.name)
 def test_onnx_and_torchscript_backends_agree(card_path: Path) -> None:
     onnx = load_model(card_path.parent, "onnx", "cpu")
     ts = load_model(card_path.parent, "torchscript", "cpu")
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (8, 3, *onnx.spec.size), dtype=np.uint8)
-    tolerance = max(1e-4, onnx.card["parity"]["tolerance"])
+    images = rng.integers(0, 256, (8, 3, *onnx.card.input.size), dtype=np.uint8)
+    tolerance = max(1e-4, onnx.card.extra["parity"]["tolerance"])
     assert np.abs(onnx.predict(images) - ts.predict(images)).max() <= tolerance
 
 

@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.preprocess import InputSpec, normalize
+from service.card import ModelCard, read_card
+from service.preprocess import normalize
 from training import data as D
 from training.nets import ARCHITECTURES, build_model
 
@@ -54,6 +55,33 @@ def test_read_class_folders_labels_match_folders(cifar_folder: Path) -> None:
     data = D.read_class_folders(subset, classes, (32, 32))
     assert data.images.shape == (2000, 3, 32, 32) and data.images.dtype == torch.uint8
     assert data.labels.bincount().tolist() == [1000, 1000]
+
+
+def test_a_file_that_does_not_decode_stops_the_dataset_with_its_name(tmp_path: Path) -> None:
+    """Training never drops an image silently: a corrupt file in a class folder is an error naming it."""
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 36), (200, 10, 30)).save(tmp_path / name / "good.png")
+    good = D.read_class_folders(tmp_path, ("cat", "dog"), (32, 32))
+    assert good.images.shape == (2, 3, 32, 32) and good.labels.tolist() == [0, 1]
+    assert good.images[0, 0].unique().tolist() == [200]  # the pixels themselves, resized and cropped
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(D.DatasetDecodeError, match="broken.jpg"):
+        D.read_class_folders(tmp_path, ("cat", "dog"), (32, 32))
+
+
+def test_decode_files_matches_the_pipeline_in_any_chunking(cifar_folder: Path) -> None:
+    """The dataset decoder is the service's pipeline, chunked over threads: any chunk size gives the
+    pixels the pipeline gives for the same files, in order."""
+    from service.pipeline import decode_batch
+
+    paths = sorted((cifar_folder / "test" / "cat").iterdir())[:37]
+    reference = decode_batch(paths, (32, 32))
+    assert not reference.errors
+    for chunk in (1, 5, 256):
+        assert np.array_equal(D.decode_files(paths, (32, 32), workers=2, chunk=chunk).numpy(), reference.pixels)
 
 
 def assert_disjoint_cover(indices: dict[str, torch.Tensor], n: int) -> None:
@@ -103,13 +131,24 @@ def test_every_architecture_maps_images_to_class_logits(name: str) -> None:
             assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
 
 
+def lenet_logits(seed: int) -> torch.Tensor:
+    """LeNet-5 (2 classes) built after ``torch.manual_seed(seed)``, on four fixed 224 px images."""
+    torch.manual_seed(seed)
+    model = build_model("lenet5", 2).eval()
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1234))
+    with torch.no_grad():
+        return model(x)
+
+
 def test_lenet_fixed_from_seed() -> None:
+    """The same seed builds the same network (bit for bit); another seed a different one."""
     model = build_model("lenet5", 2)
     assert sum(p.numel() for p in model.parameters()) < 100_000
-    with torch.no_grad():
-        out = model(torch.randn(4, 3, 224, 224))
-    assert out.shape == (4, 2)
-    assert not torch.allclose(out.softmax(1).sum(1), out.sum(1))  # logits, not probabilities
+    first, again, other = lenet_logits(0), lenet_logits(0), lenet_logits(1)
+    assert first.shape == (4, 2)
+    assert torch.equal(first, again)
+    assert (first - other).abs().max() > 1e-2  # a different initialisation, not rounding noise
+    assert not torch.allclose(first.sum(1), torch.ones(4))  # logits, not probabilities
 
 
 def test_unknown_architecture_is_a_clear_error() -> None:
@@ -137,21 +176,26 @@ def test_training_writes_checkpoint_metrics_and_curves(tiny_run: Path) -> None:
 
 
 def test_export_writes_card_and_graphs_match_the_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
-    from training.export import export
+    from training.export import EXPORTED_CARD_ORDER, export
     from training.data import sha256_file
 
     target = export(tiny_run, "cifar10", tmp_path, tolerance=1e-4, parity_count=128)
-    card = json.loads((target / "card.json").read_text())
-    assert card["classes"][3] == "cat" and card["input"]["size"] == [32, 32]
-    for fmt, entry in card["artifacts"].items():
-        assert sha256_file(target / entry["file"]) == entry["sha256"]
-    assert card["training"]["data_fingerprint"] == D.load_cifar10().fingerprint
+    card = read_card(target)
+    assert card.classes[3] == "cat" and card.input.size == (32, 32)
+    for fmt, entry in card.artifacts.items():
+        assert sha256_file(target / entry.file) == entry.sha256
+    assert card.training["data_fingerprint"] == D.load_cifar10().fingerprint
+    # the file's shape, key for key, as the service and the UI read it
+    written = json.loads((target / "card.json").read_text())
+    assert tuple(written) == EXPORTED_CARD_ORDER and written["split_spec"]["dataset"] == "cifar10"
+    assert list(written["input"]) == ["size", "channels", "layout", "dtype", "resize", "scale", "mean", "std"]
+    assert ModelCard.from_dict(written).to_dict() == written
     # independently of export's own gate: the written ONNX graph computes the checkpoint's softmax
     ckpt = torch.load(tiny_run / "best.pt", weights_only=True)
     model = build_model(ckpt["arch"], 10).eval()
     model.load_state_dict(ckpt["state_dict"])
     data = D.load_cifar10()
-    x = normalize(data.test.images[::500].numpy(), InputSpec.from_card(card))
+    x = normalize(data.test.images[::500].numpy(), card.input)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).softmax(1).numpy()
     session = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -166,26 +210,29 @@ def test_calibrate_entry_folds_a_temperature_into_an_existing_entry(tiny_run: Pa
     """What the shipped models went through: an uncalibrated registry entry, its run gone, gets
     softmax(logits / T) from its own weights; the served probabilities move, the argmax does not."""
     from training.calibration import expected_calibration_error
-    from training.export import calibrate_entry, card_dataset, export
+    from training.export import calibrate_entry, export
+    from training.splits import card_dataset
 
     target = export(tiny_run, "cifar10", tmp_path, tolerance=1e-4, parity_count=64)  # plain softmax
-    before = json.loads((target / "card.json").read_text())
-    assert "calibration" not in before
-    spec = InputSpec.from_card(before)
+    before = read_card(target)
+    assert before.calibration is None and "calibration" not in json.loads((target / "card.json").read_text())
     test = card_dataset(before).test
-    inputs = normalize(test.images[:512].numpy(), spec)
+    inputs = normalize(test.images[:512].numpy(), before.input)
 
-    def served(card: dict) -> np.ndarray:
-        session = ort.InferenceSession(str(target / card["artifacts"]["onnx"]["file"]))
+    def served(card: ModelCard) -> np.ndarray:
+        session = ort.InferenceSession(str(target / card.artifact("onnx").file))
         return session.run(None, {"input": inputs})[0]
 
     old = served(before)
     calibrate_entry(target, parity_count=64)
-    after = json.loads((target / "card.json").read_text())
-    cal = after["calibration"]
-    assert cal["recalibrated_from_version"] == before["version"] != after["version"]
+    after = read_card(target)
+    cal = after.calibration
+    assert cal["recalibrated_from_version"] == before.version != after.version
     assert cal["temperature"] != 1.0 and cal["test_ece_after"] <= cal["test_ece_before"]
-    assert after["metrics"] == before["metrics"] and after["training"] == before["training"]
+    assert after.metrics == before.metrics and after.training == before.training
+    # the card keeps its keys in place; calibration and its record come after them
+    keys = list(json.loads((target / "card.json").read_text()))
+    assert keys == list(before.to_dict()) + ["calibration", "calibrated", "calibrate_command"]
     new = served(after)
     logits = np.log(old) / cal["temperature"]
     expected = np.exp(logits - logits.max(1, keepdims=True))
@@ -194,7 +241,7 @@ def test_calibrate_entry_folds_a_temperature_into_an_existing_entry(tiny_run: Pa
     assert (new.argmax(1) == old.argmax(1)).all()
     labels = test.labels[:512].numpy()
     assert expected_calibration_error(new, labels) != pytest.approx(expected_calibration_error(old, labels))
-    scripted = torch.jit.load(str(target / after["artifacts"]["torchscript"]["file"]))
+    scripted = torch.jit.load(str(target / after.artifact("torchscript").file))
     assert np.abs(scripted(torch.from_numpy(inputs)).detach().numpy() - new).max() < 1e-4
     assert scripted.cam(torch.from_numpy(inputs[:2]))[1].dim() == 4  # Grad-CAM's method kept
     with pytest.raises(SystemExit, match="already calibrated"):
@@ -210,9 +257,9 @@ def test_export_rebuilds_the_runs_own_split(tmp_path: Path, cifar_folder: Path) 
     train(parse_args(["--model", "fastnet_tiny", "--epochs", "1", "--limit-train", "512", "--limit-eval", "200",
                       "--batch-size", "128", "--seed", "1", "--tta", "2", "--no-plot", "--quiet", "--out", str(run)]))
     assert torch.load(run / "best.pt", weights_only=True)["data"]["seed"] == 1
-    card = json.loads((export(run, "c", tmp_path / "reg", tolerance=1e-4, parity_count=32) / "card.json").read_text())
-    assert card["training"]["data_fingerprint"] == D.load_cifar10(seed=1).fingerprint != D.load_cifar10().fingerprint
-    assert card["test_time_augmentation"]["level"] == 2  # the graph evaluates what training evaluated
+    card = read_card(export(run, "c", tmp_path / "reg", tolerance=1e-4, parity_count=32))
+    assert card.training["data_fingerprint"] == D.load_cifar10(seed=1).fingerprint != D.load_cifar10().fingerprint
+    assert card.tta_level == 2  # the graph evaluates what training evaluated
 
 
 def test_export_refuses_when_parity_fails(tiny_run: Path, tmp_path: Path) -> None:
@@ -228,11 +275,11 @@ def test_flip_tta_export_is_mirror_invariant_and_remeasured(tiny_run: Path, tmp_
 
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     target = export(tiny_run, "cifar10", tmp_path, tolerance=1e-4, parity_count=64, tta_mode="flip")
-    card = json.loads((target / "card.json").read_text())
-    tta = card["test_time_augmentation"]
+    card = read_card(target)
+    tta = card.test_time_augmentation
     # the trained graph's test accuracy, measured again in fp32 (the run may have measured in bf16)
     assert tta["test_accuracy_without"] == pytest.approx(metrics["test_accuracy"], abs=0.01)
-    assert card["metrics"]["test_accuracy"] != metrics["test_accuracy"]  # re-measured on 10,000 images
+    assert card.metrics["test_accuracy"] != metrics["test_accuracy"]  # re-measured on 10,000 images
     session = ort.InferenceSession(str(target / "model.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
     plain = session.run(None, {"input": x})[0]
@@ -242,7 +289,7 @@ def test_flip_tta_export_is_mirror_invariant_and_remeasured(tiny_run: Path, tmp_
 
 def test_lenet_at_224_exports_to_onnx_exactly(tmp_path: Path) -> None:
     """LeNet's adaptive pool (53 -> 5 at 224x224) has no ONNX operator; export swaps in matrices."""
-    from training.export import export_onnx, onnx_exportable
+    from training.staging import export_onnx, onnx_exportable
 
     model = build_model("lenet5", 2).eval()
     x = torch.randn(3, 3, 224, 224)

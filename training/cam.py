@@ -15,7 +15,6 @@ which the command above and :mod:`training.report` (feature maps) need.
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -24,8 +23,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from training.data import sha256_file
-from training.nets import TestTimeAugment, build_model
+from service.card import Artifact, ModelCard, read_card, write_card
+from service.registry import sha256_file
+from training.graph import serving_graph
+from training.nets import build_model
 
 
 def strip_to(state: dict[str, torch.Tensor], wanted: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -111,23 +112,13 @@ def trace_explainable(serving: nn.Module, plain: nn.Module, example: torch.Tenso
     return traced
 
 
-def serving_graph(plain: nn.Module, card: dict) -> nn.Module:
-    """What a registry entry's graphs compute, rebuilt from its card: softmax over the (test-time
-    augmented) logits, divided by the calibration temperature when there is one."""
-    from training.export import WithSoftmax  # export imports this module
-
-    level = (card.get("test_time_augmentation") or {}).get("level", 1 if card.get("test_time_augmentation") else 0)
-    temperature = (card.get("calibration") or {}).get("temperature", 1.0)
-    return WithSoftmax(TestTimeAugment(plain, level) if level else plain, temperature).eval()
-
-
-def rebuild_from_registry(folder: Path) -> tuple[nn.Module, dict]:
+def rebuild_from_registry(folder: Path) -> tuple[nn.Module, ModelCard]:
     """The eager network (eval, CPU) behind ``folder``'s TorchScript artifact, and its card."""
-    card = json.loads((folder / "card.json").read_text())
+    card = read_card(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        state = torch.jit.load(str(folder / card["artifacts"]["torchscript"]["file"]), map_location="cpu").state_dict()
-    net = build_model(card["architecture"], len(card["classes"]))
+        state = torch.jit.load(str(folder / card.artifact("torchscript").file), map_location="cpu").state_dict()
+    net = build_model(card.architecture, len(card.classes))
     net.load_state_dict(strip_to(state, net.state_dict().keys()))
     return net.eval(), card
 
@@ -136,8 +127,8 @@ def add_to_registry(folder: Path) -> Path:
     """Re-trace ``folder``'s TorchScript artifact with the ``cam`` method, after checking the rebuilt
     serving graph computes what the old file does; update the card's sha256 and size."""
     plain, card = rebuild_from_registry(folder)
-    path = folder / card["artifacts"]["torchscript"]["file"]
-    size = card["input"]["size"]
+    path = folder / card.artifact("torchscript").file
+    size = card.input.size
     example = torch.rand(4, 3, *size) * 4 - 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -150,12 +141,11 @@ def add_to_registry(folder: Path) -> Path:
     tmp = path.with_suffix(".tmp")
     traced.save(str(tmp))
     tmp.replace(path)
-    card["artifacts"]["torchscript"].update(sha256=sha256_file(path), bytes=path.stat().st_size)
-    card["artifacts"].pop("gradcam", None)  # an earlier layout kept a separate graph file
+    rewritten = Artifact(path.name, sha256_file(path), path.stat().st_size)
+    artifacts = {fmt: rewritten if fmt == "torchscript" else artifact for fmt, artifact in card.artifacts.items()
+                 if fmt != "gradcam"}  # an earlier layout kept a separate graph file
     (folder / "model.cam.pt").unlink(missing_ok=True)
-    tmp_card = folder / "card.json.tmp"
-    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
-    tmp_card.replace(folder / "card.json")
+    write_card(folder, card.updated(artifacts=artifacts))
     return path
 
 

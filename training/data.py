@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.preprocess import load_file
+from service.pipeline import decode_batch
 from service.registry import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -126,15 +126,28 @@ def fingerprint(*sets: ImageSet) -> str:
     return digest.hexdigest()
 
 
-def decode_files(paths: Sequence[Path], size: Sequence[int], workers: int | None = None) -> torch.Tensor:
-    """Decode image files in parallel threads (Pillow releases the GIL) into (N, 3, H, W) uint8."""
+class DatasetDecodeError(ValueError):
+    """A training dataset holds a file that cannot be decoded (named in the message): training
+    refuses the dataset rather than silently drop the image."""
+
+
+def decode_files(paths: Sequence[Path], size: Sequence[int], workers: int | None = None,
+                 chunk: int = 256) -> torch.Tensor:
+    """Decode image files into (N, 3, H, W) uint8 through the one image pipeline
+    (:func:`service.pipeline.decode_batch`: the pixels the service computes for the same file),
+    one chunk of ``chunk`` files per call on a thread pool (Pillow releases the GIL). A file that
+    cannot be decoded raises :class:`DatasetDecodeError` with its name."""
     out = np.empty((len(paths), 3, *size), dtype=np.uint8)
 
-    def work(i: int) -> None:
-        out[i] = load_file(str(paths[i]), size)
+    def decode_chunk(start: int) -> None:
+        part = paths[start:start + chunk]
+        decoded = decode_batch(part, size, out=out[start:start + len(part)])
+        if decoded.errors:
+            index, error = decoded.errors[0]
+            raise DatasetDecodeError(f"{part[index]}: {error}") from error
 
     with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
-        list(pool.map(work, range(len(paths)), chunksize=256))
+        list(pool.map(decode_chunk, range(0, len(paths), chunk)))
     return torch.from_numpy(out)
 
 

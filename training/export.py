@@ -5,7 +5,8 @@
 The exported graphs include the softmax, so every backend returns probabilities. Before anything
 is written, ONNX Runtime's and TorchScript's outputs on real test images must match the PyTorch
 model within ``--tolerance`` (max abs difference of the probabilities), or the export fails.
-The registry entry is assembled in a staging folder and swapped in whole.
+The registry entry is assembled in a staging folder and swapped in whole (:mod:`training.staging`);
+this module decides what the graphs compute and what the card (a :class:`service.card.ModelCard`) says.
 
 Calibration (on unless ``--no-calibrate``): one temperature ``T`` is fitted on the validation split
 by NLL and the graphs output ``softmax(logits / T)``; the card's ``calibration`` records ``T`` and
@@ -33,89 +34,25 @@ accuracies are those of the float32 graph that ships, read off the logits calibr
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
-import shutil
 import sys
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.preprocess import InputSpec, normalize
-from training.data import REPO_ROOT, Dataset, sha256_file
-from training.cam import rebuild_from_registry, serving_graph, trace_explainable
-from training.nets import TestTimeAugment, build_model
-from training.train import evaluate, load_dataset, measured_as
-
-ONNX_FILE = "model.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-OPSET = 17
-
-
-class FixedSizeAdaptiveAvgPool(nn.Module):
-    """``adaptive_avg_pool2d`` for one input size, as two averaging matrices. ONNX has no adaptive
-    pooling whose output size does not divide the input size (LeNet at 224x224 pools 53 -> 5)."""
-
-    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int]) -> None:
-        super().__init__()
-        self.register_buffer("rows", self.bins(in_size[0], out_size[0]))
-        self.register_buffer("cols", self.bins(in_size[1], out_size[1]).T.contiguous())
-
-    @staticmethod
-    def bins(n_in: int, n_out: int) -> torch.Tensor:
-        """(n_out, n_in) matrix averaging PyTorch's adaptive bins: [floor(i*n/m), ceil((i+1)*n/m))."""
-        matrix = torch.zeros(n_out, n_in)
-        for i in range(n_out):
-            start, end = i * n_in // n_out, -(-(i + 1) * n_in // n_out)
-            matrix[i, start:end] = 1.0 / (end - start)
-        return matrix
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rows @ x @ self.cols
-
-
-def onnx_exportable(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A copy of ``model`` whose adaptive average pools that ONNX cannot express are replaced by
-    :class:`FixedSizeAdaptiveAvgPool` for the input size of ``example`` (the card's size)."""
-    model = copy.deepcopy(model)
-    shapes: dict[str, tuple[int, int]] = {}
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: shapes.update({name: args[0].shape[-2:]}))
-             for name, module in model.named_modules() if isinstance(module, nn.AdaptiveAvgPool2d)]
-    with torch.no_grad():
-        model(example)
-    for hook in hooks:
-        hook.remove()
-    for name, in_size in shapes.items():
-        pool = model.get_submodule(name)
-        out = pool.output_size if isinstance(pool.output_size, tuple) else (pool.output_size,) * 2
-        out = tuple(o or i for o, i in zip(out, in_size))  # None keeps that dimension
-        if any(i % o for i, o in zip(in_size, out)):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, FixedSizeAdaptiveAvgPool(tuple(in_size), out))
-    return model
-
-
-class WithSoftmax(nn.Module):
-    """The exported graph: ``softmax(model(x) / temperature)`` (temperature 1: the plain softmax)."""
-
-    def __init__(self, model: nn.Module, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.model = model
-        self.temperature = float(temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return torch.softmax(logits, dim=1)
+from service.card import Artifact, InputSpec, ModelCard
+from service.preprocess import normalize
+from training.cam import rebuild_from_registry
+from training.data import REPO_ROOT, Dataset
+from training.evaluation import evaluate, measured_as
+from training.graph import TestTimeAugment, WithSoftmax, serving_graph, with_tta
+from training.nets import build_model
+from training.splits import card_dataset, checkpoint_dataset
+from training.staging import check_parity, install_entry
 
 
 @torch.no_grad()
@@ -187,17 +124,6 @@ def load_checkpoint(run_dir: Path) -> tuple[nn.Module, dict[str, Any], dict[str,
     return model.eval(), ckpt, metrics
 
 
-def load_data(ckpt: dict[str, Any], metrics: dict[str, Any], spec: InputSpec) -> Dataset:
-    """The training run's own split: the data spec its checkpoint records (older checkpoints: the
-    dataset and the seed in metrics.json, default data root), at the checkpoint's input size and
-    statistics."""
-    recorded = ckpt.get("data") or {"dataset": ckpt["dataset"], "seed": metrics.get("seed", 0),
-                                    "data_root": None, "image_size": spec.size[0]}
-    data = load_dataset({**recorded, "image_size": spec.size[0]})
-    data.mean, data.std = spec.mean, spec.std  # e.g. ImageNet statistics for a pretrained backbone
-    return data
-
-
 TTA_LEVELS = {"none": 0, "flip": 1, "flip_translate": 2}
 TTA_KINDS = {1: "horizontal flip, logits averaged",
              2: "horizontal flip and one-pixel translations, logits averaged (airbench's level 2)"}
@@ -212,7 +138,7 @@ def apply_tta(model: nn.Module, data: Dataset, mode: str, metrics: dict[str, Any
     level = trained_level if mode == "train" else TTA_LEVELS.get(mode, 1)
     if mode == "auto" or level != trained_level:
         cpu = [s.to(torch.device("cpu")) for s in (data.val, data.test)]
-        base = TestTimeAugment(model, trained_level) if trained_level else model
+        base = with_tta(model, trained_level)
         # both measured here, in fp32 on the CPU: metrics.json may come from a bf16 GPU run
         val_before = evaluate(base, cpu[0], data.mean, data.std)[1]
         candidate = TestTimeAugment(model, level).eval() if level else model
@@ -237,43 +163,6 @@ def apply_tta(model: nn.Module, data: Dataset, mode: str, metrics: dict[str, Any
                                                   "chosen_by": "the training run's own evaluation"}
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["probabilities"],
-                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
-                      opset_version=OPSET, dynamo=False)
-
-
-def quiet(func, *args, **kwargs):
-    """Call ``func`` without the exporters' deprecation chatter (TorchScript, legacy ONNX export)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", (FutureWarning, DeprecationWarning, UserWarning))
-        return func(*args, **kwargs)
-
-
-def check_parity(model: nn.Module, onnx_path: Path, ts_path: Path, inputs: np.ndarray,
-                 tolerance: float) -> dict[str, float]:
-    with torch.no_grad():
-        reference = model(torch.from_numpy(inputs)).numpy()
-        scripted = quiet(torch.jit.load, str(ts_path)).eval()
-        ts_out = scripted(torch.from_numpy(inputs)).numpy()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"input": inputs})[0]
-    result = {"images": int(len(inputs)),
-              "max_abs_diff_onnx": float(np.abs(onnx_out - reference).max()),
-              "max_abs_diff_torchscript": float(np.abs(ts_out - reference).max()),
-              "tolerance": tolerance,
-              "top1_agreement_onnx": float((onnx_out.argmax(1) == reference.argmax(1)).mean())}
-    worst = max(result["max_abs_diff_onnx"], result["max_abs_diff_torchscript"])
-    if not worst <= tolerance:  # also catches NaN
-        raise SystemExit(f"parity check failed: max abs diff {worst:.3g} > {tolerance:g} ({result})")
-    return result
-
-
-def artifact_records(artifacts: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    return {fmt: {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-            for fmt, path in artifacts.items()}
-
-
 def calibrated_output(temperature: float) -> str:
     return (f"temperature-scaled softmax probabilities over classes, in card order: "
             f"softmax(logits / {temperature:.4f}) (the graphs include it; see calibration)")
@@ -285,41 +174,39 @@ def compute_device(device: str) -> torch.device:
                         "cpu" if device == "auto" else device)
 
 
-def build_card(name: str, ckpt: dict, metrics: dict, artifacts: dict[str, Path],
-               parity: dict[str, float], tta: dict | None, calibration: dict | None = None) -> dict[str, Any]:
-    onnx_hash = sha256_file(artifacts["onnx"])
-    card = {
-        "name": name,
-        "version": onnx_hash[:12],
-        "task": "image-classification",
-        "classes": ckpt["classes"],
-        "input": ckpt["input"],
-        "output": "softmax probabilities over classes, in card order (the graphs include the softmax)",
-        "architecture": ckpt["arch"],
-        "parameters": metrics["parameters"],
-        "metrics": {
-            "test_accuracy": metrics["test_accuracy"],
-            "test_images": metrics["test_images"],
-            "val_accuracy": metrics["val_accuracy"],
-            "measured_as": metrics["test_measured_as"],
-        },
-        "training": {**{key: metrics[key] for key in (
-            "command", "dataset", "data_source", "data_fingerprint", "split", "seed", "best_epoch",
-            "train_seconds", "hardware", "torch", "init_from")},
-            **{key: metrics[key] for key in ("preset", "precision", "precision_reason", "cpu_flags", "training_eval")
-               if metrics.get(key) is not None}},
-        "split_spec": metrics.get("data"),  # what export and re-measurement rebuild the split from
-        "artifacts": artifact_records(artifacts),
-        "parity": parity,
-        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "export_command": "python -m training.export " + " ".join(sys.argv[1:]),
-    }
-    if tta:
-        card["test_time_augmentation"] = tta
-    if calibration:
-        card["output"] = calibrated_output(calibration["temperature"])
-        card["calibration"] = calibration
-    return card
+# The keys of an exported card, in the order they are written (then test-time augmentation and
+# calibration, where the graphs have them).
+EXPORTED_CARD_ORDER = ("name", "version", "task", "classes", "input", "output", "architecture", "parameters",
+                       "metrics", "training", "split_spec", "artifacts", "parity", "exported", "export_command")
+TRAINING_RECORD = ("command", "dataset", "data_source", "data_fingerprint", "split", "seed", "best_epoch",
+                   "train_seconds", "hardware", "torch", "init_from")
+TRAINING_RECORD_OPTIONAL = ("preset", "precision", "precision_reason", "cpu_flags", "training_eval")
+
+
+def build_card(name: str, ckpt: dict[str, Any], metrics: dict[str, Any], artifacts: dict[str, Artifact],
+               parity: dict[str, float], tta: dict | None, calibration: dict | None = None) -> ModelCard:
+    """The card of a run's export: what it computes, how well, how it was trained and its files."""
+    output = calibrated_output(calibration["temperature"]) if calibration else \
+        "softmax probabilities over classes, in card order (the graphs include the softmax)"
+    return ModelCard(
+        name=name,
+        version=artifacts["onnx"].sha256[:12],
+        classes=tuple(ckpt["classes"]),
+        input=InputSpec.from_dict(ckpt["input"]),
+        artifacts=artifacts,
+        architecture=ckpt["arch"],
+        metrics={"test_accuracy": metrics["test_accuracy"], "test_images": metrics["test_images"],
+                 "val_accuracy": metrics["val_accuracy"], "measured_as": metrics["test_measured_as"]},
+        training={**{key: metrics[key] for key in TRAINING_RECORD},
+                  **{key: metrics[key] for key in TRAINING_RECORD_OPTIONAL if metrics.get(key) is not None}},
+        split_spec=metrics.get("data"),  # what export and re-measurement rebuild the split from
+        test_time_augmentation=tta or None,
+        calibration=calibration or None,
+        extra={"task": "image-classification", "output": output, "parameters": metrics["parameters"],
+               "parity": parity, "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "export_command": "python -m training.export " + " ".join(sys.argv[1:])},
+        order=EXPORTED_CARD_ORDER + (("test_time_augmentation",) if tta else ()) +
+        (("calibration",) if calibration else ()))
 
 
 def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_count: int,
@@ -334,8 +221,8 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
                                                                      f"export (--trained-precision {trained_precision})")
     metrics["training_eval"] = {"precision": metrics.get("precision", "fp32"), "tta_level": int(ckpt.get("tta", 0)),
                                 **{key: metrics[key] for key in ("val_accuracy", "test_accuracy")}}
-    spec = InputSpec.from_card(ckpt)
-    data = load_data(ckpt, metrics, spec)
+    spec = InputSpec.from_dict(ckpt["input"])
+    data = checkpoint_dataset(ckpt, metrics, spec)
     plain = net  # Grad-CAM explains the network itself, not its test-time-augmented average
     net, tta = apply_tta(net, data, tta_mode, metrics, int(ckpt.get("tta", 0)))
     logits = ShippedLogits.of(net, data, spec, compute_device(device))
@@ -348,61 +235,10 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
                                  lambda artifacts, parity: build_card(name, ckpt, metrics, artifacts, parity, tta,
                                                                       calibration),
                                  [run_dir / "curves.png"])
-    parity = card["parity"]
-    print(f"exported {name} v{card['version']} to {target}: test accuracy {card['metrics']['test_accuracy']:.4f}, "
+    parity = card.extra["parity"]
+    print(f"exported {name} v{card.version} to {target}: test accuracy {card.metrics['test_accuracy']:.4f}, "
           f"parity onnx {parity['max_abs_diff_onnx']:.2e} torchscript {parity['max_abs_diff_torchscript']:.2e}")
     return target
-
-
-def install_entry(models_dir: Path, name: str, model: nn.Module, plain: nn.Module, inputs: np.ndarray,
-                  tolerance: float, make_card: Callable[[dict[str, Path], dict[str, float]], dict[str, Any]],
-                  extra_files: Sequence[Path] = ()) -> tuple[Path, dict[str, Any]]:
-    """Write ``model`` (the serving graph) as ONNX and TorchScript (with Grad-CAM's ``cam`` method on
-    ``plain``) into a staging folder, check parity on ``inputs``, write the card ``make_card``
-    returns and the ``extra_files`` that exist, and swap the folder in as ``models_dir/name``."""
-    example = torch.from_numpy(inputs[:2])
-    models_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
-    staging.chmod(0o755)  # mkdtemp makes it owner-only; the registry is read by the service user
-    try:
-        artifacts = {"onnx": staging / ONNX_FILE, "torchscript": staging / TORCHSCRIPT_FILE}
-        exportable = onnx_exportable(model, example)
-        quiet(export_onnx, exportable, example, artifacts["onnx"])
-        # TorchScript keeps PyTorch's own pools; beside forward it carries Grad-CAM's `cam` method
-        # (POST /explain; training/cam.py), sharing the weights
-        trace_explainable(model, plain, example).save(str(artifacts["torchscript"]))
-        # against the original model, so a replaced pool must match it too
-        parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
-        card = make_card(artifacts, parity)
-        (staging / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        for extra in extra_files:
-            if extra.exists():
-                shutil.copy(extra, staging / extra.name)
-        target = swap_in(staging, models_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target, card
-
-
-def swap_in(staging: Path, target: Path) -> Path:
-    """Make the finished ``staging`` folder the registry entry ``target``, replacing any entry there
-    (renamed aside first, so the entry is never half-written)."""
-    if target.exists():
-        old = target.rename(target.parent / f".{target.name}-old")
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
-    return target
-
-
-def card_dataset(card: dict[str, Any]) -> Dataset:
-    """The split a registry model was trained and measured on, from its card."""
-    spec = card.get("split_spec") or {"dataset": card["training"]["dataset"], "seed": card["training"]["seed"],
-                                      "data_root": None}
-    data = load_dataset({**spec, "image_size": card["input"]["size"][0]})
-    data.mean, data.std = tuple(card["input"]["mean"]), tuple(card["input"]["std"])
-    return data
 
 
 def calibrate_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 256,
@@ -413,31 +249,30 @@ def calibrate_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 2
     as ``softmax(logits / T)``. Accuracy is unchanged (``T`` > 0 keeps the argmax); the card keeps
     its training record and gains ``calibration``, a new version and the command."""
     plain, card = rebuild_from_registry(folder)
-    if card.get("calibration"):
-        raise SystemExit(f"{folder}: already calibrated (T = {card['calibration']['temperature']:.4f})")
-    spec = InputSpec.from_card(card)
+    if card.calibration:
+        raise SystemExit(f"{folder}: already calibrated (T = {card.temperature:.4f})")
+    spec = card.input
     data = card_dataset(card)
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
     uncalibrated = serving_graph(plain, card)  # softmax over the (test-time augmented) logits
     # the rebuilt network computes what the entry's two graphs serve (else SystemExit)
-    check_parity(uncalibrated, folder / card["artifacts"]["onnx"]["file"],
-                 folder / card["artifacts"]["torchscript"]["file"], inputs, tolerance)
+    check_parity(uncalibrated, folder / card.artifact("onnx").file, folder / card.artifact("torchscript").file,
+                 inputs, tolerance)
     net = uncalibrated.model
     calibration = fit_calibration(ShippedLogits.of(net, data, spec, compute_device(device)))
     model = WithSoftmax(net, calibration["temperature"]).eval()
 
-    def recalibrated_card(artifacts: dict[str, Path], parity: dict[str, float]) -> dict[str, Any]:
-        return {**card, "version": sha256_file(artifacts["onnx"])[:12],
-               "artifacts": artifact_records(artifacts), "parity": parity,
-               "calibration": {**calibration, "recalibrated_from_version": card["version"]},
-               "output": calibrated_output(calibration["temperature"]),
-               "calibrated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "calibrate_command": f"python -m training.export --calibrate-entry {folder}"}
+    def recalibrated_card(artifacts: dict[str, Artifact], parity: dict[str, float]) -> ModelCard:
+        return card.updated(version=artifacts["onnx"].sha256[:12], artifacts=artifacts, parity=parity,
+                            calibration={**calibration, "recalibrated_from_version": card.version},
+                            output=calibrated_output(calibration["temperature"]),
+                            calibrated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                            calibrate_command=f"python -m training.export --calibrate-entry {folder}")
 
     figures = sorted(folder.glob("*.png"))  # curves and report figures travel with the entry
     target, new = install_entry(folder.parent, folder.name, model, plain, inputs, tolerance, recalibrated_card,
                                 figures)
-    print(f"calibrated {folder.name}: v{card['version']} -> v{new['version']}, T = {calibration['temperature']:.4f}, "
+    print(f"calibrated {folder.name}: v{card.version} -> v{new.version}, T = {calibration['temperature']:.4f}, "
           f"test ECE {calibration['test_ece_before']:.4f} -> {calibration['test_ece_after']:.4f}")
     return target
 

@@ -1,8 +1,18 @@
 """Every training recipe the project uses, in one table: ``python -m training.train --preset NAME``.
 
-A preset sets the defaults of ``training.train``'s flags (any flag given explicitly still wins; a
-``--batch-size`` other than the preset's keeps its learning rate per image). The Makefile and
-``benchmarks/gpu_run.py`` name presets; they spell no recipe of their own.
+A preset sets the defaults of ``training.train``'s flags (any flag given explicitly still wins). A
+preset may name a ``base`` preset and change some of its values (:func:`recipe` resolves it). The
+Makefile and ``benchmarks/gpu_run.py`` name presets; they spell no recipe of their own (only
+per-run flags: ``--out``, ``--init-from``, ``--seed``, ``--limit-*``, the device and logging).
+
+The rules for the learning rate, all here (:func:`learning_rate`, :func:`default_warmup`):
+
+* ``--lr`` given explicitly is taken as given;
+* a preset's ``lr`` is its rate at its ``batch_size``: another batch size (given explicitly, or by
+  a preset changing its base's) keeps the same rate per image, ``lr * batch_size / preset's``;
+* without a preset or ``--lr``, the linear scaling rule: 0.1 per 128 images for SGD, 0.001 for
+  Adam and RMSprop (the peak rate of the mean loss over the batch);
+* ``--warmup`` unset: 0.15 of the steps for ``onecycle``, none for the other schedules.
 
 CIFAR-10:
 
@@ -29,11 +39,24 @@ Cats vs dogs (the course's three ways, best first):
 * ``catsdogs-cifar``: transfer from this project's own CIFAR-10 network (``--init-from`` a ``ship``
   checkpoint) at 128 px, the ship recipe's optimiser with a head-only epoch first.
 * ``catsdogs-lenet``: the seed notebook's LeNet-5 from scratch (the course's baseline), Adam.
+
+The earlier shipped models, kept as docs/TRAINING.md's comparison rows (the defaults
+``training.train`` had then: one-cycle with 15 % warm-up, label smoothing 0.1, fp32):
+
+* ``resnet20-old``, then ``resnet20-old-more`` and ``resnet20-old-30ep`` (each ``--init-from`` the
+  session before): a ResNet-20 in three CPU-sized sessions of 8, 10 and 12 epochs;
+* ``catsdogs-resnet20-old`` (``--init-from`` the second ResNet-20 session, a head-only epoch
+  first), then ``catsdogs-resnet20-old-more`` at 64 px and ``catsdogs-resnet20-old-96`` at 96 px.
+
+Budgets of ``benchmarks/gpu_run.py --smoke`` (the same recipes, shrunk to check the script on a
+CPU): ``fast-smoke``, ``ship-smoke``, ``catsdogs-imagenet-smoke``, ``catsdogs-cifar-smoke``,
+``catsdogs-lenet-smoke``; and ``fast-warmup``, the 4 epochs that pay ``torch.compile`` before the
+timed fast runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 PRESETS: dict[str, dict[str, Any]] = {
     "fast": dict(dataset="cifar10", model="fastnet", epochs=10, batch_size=1024, optimizer="sgd", lr=1.5,
@@ -54,7 +77,62 @@ PRESETS: dict[str, dict[str, Any]] = {
                            lookahead=True, tta=2, crop_pad=8, cutout=16, whiten_bias_epochs=3, eval_every=3),
     "catsdogs-lenet": dict(dataset="catsdogs", model="lenet5", image_size=128, epochs=12, batch_size=256,
                            optimizer="adam", lr=0.002, weight_decay=1e-4, schedule="cosine", label_smoothing=0.0),
+    # the earlier shipped models (docs/TRAINING.md's comparison rows)
+    "resnet20-old": dict(dataset="cifar10", model="resnet20", epochs=8, batch_size=256, optimizer="sgd", lr=0.1,
+                         schedule="onecycle", warmup=0.15, label_smoothing=0.1, precision="fp32"),
+    "resnet20-old-more": dict(base="resnet20-old", epochs=10, lr=0.05),
+    "resnet20-old-30ep": dict(base="resnet20-old", epochs=12, lr=0.05),
+    "catsdogs-resnet20-old": dict(base="resnet20-old", dataset="catsdogs", image_size=64, head_epochs=1, epochs=8,
+                                  batch_size=128, lr=0.05),
+    "catsdogs-resnet20-old-more": dict(base="resnet20-old", dataset="catsdogs", image_size=64, epochs=6,
+                                       batch_size=128, lr=0.02),
+    "catsdogs-resnet20-old-96": dict(base="catsdogs-resnet20-old-more", image_size=96),
+    # benchmarks/gpu_run.py: the compile warm-up, and its --smoke budgets
+    "fast-warmup": dict(base="fast", epochs=4),
+    "fast-smoke": dict(base="fast", model="fastnet_tiny", epochs=1, batch_size=256, tta=0),
+    "ship-smoke": dict(base="ship", model="fastnet_tiny", epochs=1, batch_size=256, tta=0),
+    "catsdogs-imagenet-smoke": dict(base="catsdogs-imagenet", image_size=64, epochs=1, batch_size=128, tta=0),
+    "catsdogs-cifar-smoke": dict(base="catsdogs-cifar", image_size=64, epochs=1, batch_size=128, tta=0),
+    "catsdogs-lenet-smoke": dict(base="catsdogs-lenet", image_size=64, epochs=1, batch_size=128, tta=0),
 }
 
 # presets that start from a checkpoint the user names (--init-from)
-NEEDS_INIT_FROM = {"catsdogs-cifar": "a CIFAR-10 checkpoint of the ship preset (its best.pt)"}
+NEEDS_INIT_FROM = {
+    "catsdogs-cifar": "a CIFAR-10 checkpoint of the ship preset (its best.pt)",
+    "catsdogs-cifar-smoke": "a CIFAR-10 checkpoint of the ship preset (its best.pt)",
+    "resnet20-old-more": "the resnet20-old run's best.pt",
+    "resnet20-old-30ep": "the resnet20-old-more run's best.pt",
+    "catsdogs-resnet20-old": "the resnet20-old-more run's best.pt",
+    "catsdogs-resnet20-old-more": "the catsdogs-resnet20-old run's best.pt",
+    "catsdogs-resnet20-old-96": "the catsdogs-resnet20-old-more run's best.pt",
+}
+
+
+def recipe(name: str, presets: Mapping[str, Mapping[str, Any]] = PRESETS) -> dict[str, Any]:
+    """Preset ``name``'s flag values, its ``base`` presets' included. A preset that changes its
+    base's batch size but not its rate keeps the base's rate per image (the rule above)."""
+    own = dict(presets[name])
+    base_name = own.pop("base", None)
+    if base_name is None:
+        return own
+    base = recipe(base_name, presets)
+    if "lr" not in own and own.get("batch_size", base["batch_size"]) != base["batch_size"]:
+        own["lr"] = base["lr"] * (own["batch_size"] / base["batch_size"])
+    return {**base, **own}
+
+
+def learning_rate(preset: str | None, optimizer: str, batch_size: int, lr: float | None) -> float:
+    """The peak learning rate a run uses (the rules in the module docstring). ``lr``: the value the
+    flags ended with (the preset's when ``--lr`` was not given, None when neither set it)."""
+    if preset:
+        own = recipe(preset)
+        if batch_size != own["batch_size"] and lr == own["lr"]:
+            return lr * (batch_size / own["batch_size"])  # the preset's rate per image
+    if lr is None:  # the linear scaling rule: the same rate per image at any batch size
+        return (0.1 if optimizer == "sgd" else 0.001) * batch_size / 128
+    return lr
+
+
+def default_warmup(schedule: str) -> float:
+    """The fraction of steps that warm up when ``--warmup`` is not given."""
+    return 0.15 if schedule == "onecycle" else 0.0

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import shutil
 import sys
 import tempfile
@@ -33,9 +32,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from service.preprocess import InputSpec, normalize
-from service.registry import read_card, sha256_file, verify_artifact
+from service.card import Artifact, InputSpec, read_card, write_card
+from service.preprocess import normalize
+from service.registry import sha256_file, verify_artifact
 from training.data import Dataset, seeded_permutation
+from training.splits import card_dataset
+from training.staging import swap_in
 
 INT8_FILE = "model.onnx"  # the entry's ONNX graph, whatever its arithmetic: the card says (quantization)
 
@@ -83,11 +85,9 @@ def quantize_graph(source: Path, target: Path, calibration: np.ndarray, spec: In
 def quantize_entry(folder: Path, name: str, models_dir: Path, calibration_images: int = 1024,
                    max_drop: float = 0.01, seed: int = 0) -> Path:
     """Quantise registry entry ``folder`` into ``models_dir/name`` (see the module docstring)."""
-    from training.export import card_dataset, swap_in
-
     card = read_card(folder)
     fp32_path = verify_artifact(folder, card, "onnx")
-    spec = InputSpec.from_card(card)
+    spec = card.input
     data: Dataset = card_dataset(card)
     sample = seeded_permutation(len(data.train), seed)[:calibration_images]
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
@@ -111,23 +111,23 @@ def quantize_entry(folder: Path, name: str, models_dir: Path, calibration_images
         if test["fp32"] - test["int8"] > max_drop:
             raise SystemExit(f"int8 loses {100 * (test['fp32'] - test['int8']):.2f} points of test accuracy "
                              f"(> --max-drop {100 * max_drop:.2f}); nothing written")
-        new = {**card, "name": name, "version": sha256_file(int8_path)[:12],
-               "artifacts": {"onnx": {"file": INT8_FILE, "sha256": sha256_file(int8_path),
-                                      "bytes": int8_path.stat().st_size}},
-               "metrics": {**card["metrics"], "val_accuracy": measured["val"]["int8"],
-                           "test_accuracy": test["int8"],
-                           "measured_as": card["metrics"]["measured_as"] + "; measured at quantisation on the INT8 graph"},
-               "quantization": {
-                   "method": "ONNX Runtime static quantisation (quantize_static): QDQ, int8 weights per output "
-                             "channel, uint8 activations per tensor (min/max calibration); Conv, Gemm and MatMul "
-                             "quantised, softmax in float",
-                   "source": card["name"], "source_version": card["version"],
-                   "calibration_images": int(len(sample)), "calibration_split": f"train (seed-{seed} sample)",
-                   "val": measured["val"], "test": measured["test"],
-                   "quantized": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                   "command": "python -m training.quantize " + " ".join(sys.argv[1:])}}
-        new.pop("parity", None)  # the float graphs' parity; the INT8 graph's difference is under quantization
-        (staging / "card.json").write_text(json.dumps(new, indent=2) + "\n")
+        int8_sha256 = sha256_file(int8_path)
+        new = card.updated(
+            name=name, version=int8_sha256[:12],
+            artifacts={"onnx": Artifact(INT8_FILE, int8_sha256, int8_path.stat().st_size)},
+            metrics={**card.metrics, "val_accuracy": measured["val"]["int8"], "test_accuracy": test["int8"],
+                     "measured_as": card.metrics["measured_as"] + "; measured at quantisation on the INT8 graph"},
+            quantization={
+                "method": "ONNX Runtime static quantisation (quantize_static): QDQ, int8 weights per output "
+                          "channel, uint8 activations per tensor (min/max calibration); Conv, Gemm and MatMul "
+                          "quantised, softmax in float",
+                "source": card.name, "source_version": card.version,
+                "calibration_images": int(len(sample)), "calibration_split": f"train (seed-{seed} sample)",
+                "val": measured["val"], "test": measured["test"],
+                "quantized": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": "python -m training.quantize " + " ".join(sys.argv[1:])},
+            parity=None)  # the float graphs' parity; the INT8 graph's difference is under quantization
+        write_card(staging, new)
         target = swap_in(staging, models_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -38,15 +38,17 @@ import torch
 from torch import nn
 
 from service.explain import central_share, colormap, gradcam
+from service.card import InputSpec, read_card
+from service.preprocess import normalize
 from training.cam import Explainable, feature_stages, rebuild_from_registry
-from service.preprocess import InputSpec, normalize
 from training.calibration import (ECE_BINS, calibration_summary, logits_from_probabilities,
                                   reliability, softmax)
 from training.data import ImageSet, seeded_permutation, seeded_sample
-from training.export import card_dataset, load_checkpoint, load_data, split_logits
-from training.nets import TestTimeAugment
-from training.train import first_conv
-from training.train import plot_curves as training_curves
+from training.export import load_checkpoint, split_logits
+from training.graph import with_tta
+from training.monitor import first_conv
+from training.monitor import plot_curves as training_curves
+from training.splits import card_dataset, checkpoint_dataset
 
 FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
            "report-feature-maps.png", "report-reliability.png", "report-gradcam.png")
@@ -86,27 +88,27 @@ def onnx_log_probabilities(path: Path, data: ImageSet, spec: InputSpec, batch_si
 
 
 def load_model_dir(folder: Path, limit: int = 0) -> Subject:
-    card = json.loads((folder / "card.json").read_text())
-    spec = InputSpec.from_card(card)
+    card = read_card(folder)
+    spec = card.input
     data = card_dataset(card)
     val, test = seeded_sample(data.val, limit), seeded_sample(data.test, limit)
-    onnx_path = folder / card["artifacts"]["onnx"]["file"]
+    onnx_path = folder / card.artifact("onnx").file
     net = rebuild_from_registry(folder)[0]
-    return Subject(f"{card['name']} ({card['architecture']}, registry v{card['version']})", list(card["classes"]),
+    return Subject(f"{card.name} ({card.architecture}, registry v{card.version})", list(card.classes),
                    spec, net, val, test, onnx_log_probabilities(onnx_path, val, spec),
-                   onnx_log_probabilities(onnx_path, test, spec), [], card["metrics"]["test_accuracy"],
-                   card["metrics"].get("val_accuracy"), card.get("calibration"))
+                   onnx_log_probabilities(onnx_path, test, spec), [], card.metrics["test_accuracy"],
+                   card.metrics.get("val_accuracy"), card.calibration)
 
 
 def load_run_dir(folder: Path, limit: int = 0) -> Subject:
     net, ckpt, metrics = load_checkpoint(folder)
-    spec = InputSpec.from_card(ckpt)
-    data = load_data(ckpt, metrics, spec)
+    spec = InputSpec.from_dict(ckpt["input"])
+    data = checkpoint_dataset(ckpt, metrics, spec)
     # the run's own evaluation images: --limit-eval sampled both splits alike
     limit = limit or (metrics["test_images"] if metrics["test_images"] < len(data.test) else 0)
     val, test = seeded_sample(data.val, limit), seeded_sample(data.test, limit)
     level = int(ckpt.get("tta", 0))
-    evaluated = TestTimeAugment(net, level).eval() if level else net
+    evaluated = with_tta(net, level).eval()
     return Subject(f"{metrics['dataset']} / {metrics['model']} (run {folder.name})", list(ckpt["classes"]), spec,
                    net, val, test, split_logits(evaluated, val.images, spec), split_logits(evaluated, test.images, spec),
                    metrics.get("history", []), metrics["test_accuracy"], metrics.get("val_accuracy"), None)
