@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 from service.preprocess import InputSpec, normalize  # noqa: E402
 from training import ood  # noqa: E402
 from training.cam import rebuild_from_registry  # noqa: E402
-from training.data import CIFAR10_CLASSES, load_cifar10  # noqa: E402
+from training.data import CIFAR10_CLASSES, load_catsdogs, load_cifar10  # noqa: E402
 from training.export import card_dataset  # noqa: E402
 
 OPSET = 17
@@ -58,8 +58,9 @@ NON_ANIMALS = ("airplane", "automobile", "ship", "truck")
 # the weights TestTimeAugment gives its views (level 2: mirrored(x) / 2 + mirrored(shifts) / 4)
 TTA_WEIGHTS = {0: (1.0,), 1: (0.5, 0.5), 2: (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)}
 DEFAULTS = {  # per model: train (fit), val (threshold), test (in-distribution), OOD sizes
-    "catsdogs": {"train": 1000, "val": 1000, "test": 1000, "cifar_per_class": 100, "synthetic": 50, "shuffled": 200},
-    "cifar10": {"train": 5000, "val": 2000, "test": 2000, "synthetic": 250, "shuffled": 1000},
+    "catsdogs": {"train": 1000, "val": 1000, "test": 1000, "cifar_per_class": 100, "synthetic": 50, "shuffled": 200,
+                 "control": 200},
+    "cifar10": {"train": 5000, "val": 2000, "test": 2000, "synthetic": 250, "shuffled": 1000, "control": 500},
 }
 
 
@@ -136,12 +137,18 @@ def seeded_take(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def upscale(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 images resized bilinearly to ``size`` (how the service upsizes a small photo)."""
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 images resized bilinearly (antialiased) to ``size``, as the service resizes a photo."""
     if tuple(images.shape[2:]) == tuple(size):
         return images
     out = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
     return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def picks_for(labels: torch.Tensor, label: int, n: int, seed: int) -> torch.Tensor:
+    """A seeded sample of ``n`` positions of ``label`` in ``labels``."""
+    where = torch.nonzero(labels == label).flatten()
+    return where[seeded_take(len(where), n, seed)]
 
 
 # --- the image sets -------------------------------------------------------------------------------
@@ -170,21 +177,32 @@ def image_sets(name: str, card: dict, sizes: dict[str, int], seed: int) -> tuple
     if name == "catsdogs":
         test = load_cifar10().test
         keep = [i for i, c in enumerate(CIFAR10_CLASSES) if c not in ("cat", "dog")]
-        picks = {c: torch.nonzero(test.labels == c).flatten() for c in keep}
-        picks = {c: idx[seeded_take(len(idx), sizes["cifar_per_class"], seed + c)] for c, idx in picks.items()}
+        picks = {c: picks_for(test.labels, c, sizes["cifar_per_class"], seed + c) for c in keep}
         animals = [c for c in keep if CIFAR10_CLASSES[c] not in NON_ANIMALS]
         non_animals = [c for c in keep if CIFAR10_CLASSES[c] in NON_ANIMALS]
-        non_animal_images = upscale(test.images[torch.cat([picks[c] for c in non_animals])], size)
-        animal_images = upscale(test.images[torch.cat([picks[c] for c in animals])], size)
+        non_animal_images = resize(test.images[torch.cat([picks[c] for c in non_animals])], size)
+        animal_images = resize(test.images[torch.cat([picks[c] for c in animals])], size)
         out["cifar10_non_animals"] = non_animal_images
         out["cifar10_other_animals"] = animal_images
         about["cifar10_non_animals"] = (f"CIFAR-10 test images of {', '.join(NON_ANIMALS)} "
                                         f"({sizes['cifar_per_class']} each), upscaled 32->{size[0]} bilinear")
         about["cifar10_other_animals"] = (f"CIFAR-10 test images of bird, deer, frog, horse "
                                           f"({sizes['cifar_per_class']} each), upscaled 32->{size[0]} bilinear")
+        cats_dogs = torch.cat([picks_for(test.labels, c, sizes["control"] // 2, seed + c)
+                               for c in (CIFAR10_CLASSES.index("cat"), CIFAR10_CLASSES.index("dog"))])
+        out["control_cifar10_cats_dogs"] = resize(test.images[cats_dogs], size)
+        about["control_cifar10_cats_dogs"] = (f"CONTROL, semantically in-distribution: CIFAR-10 test cats and dogs "
+                                              f"({sizes['control'] // 2} each), upscaled 32->{size[0]}: a high AUROC "
+                                              "here means the score flags low-resolution images, not unknown classes")
     else:
         out["patch_shuffled_8px"] = ood.patch_shuffle(shuffled, 8, seed)
         about["patch_shuffled_8px"] = f"{len(shuffled)} in-distribution test images, 8x8 tiles shuffled"
+        photos = load_catsdogs(size=192).test
+        photos = photos.images[seeded_take(len(photos), sizes["control"], seed)]
+        out["control_catsdogs_photos"] = resize(photos, size)
+        about["control_catsdogs_photos"] = (f"CONTROL, semantically in-distribution: {sizes['control']} held-out "
+                                            f"cats-vs-dogs photos downscaled 192->{size[0]}: a high AUROC here "
+                                            "means the score flags another photo source, not unknown classes")
     return ind, out, about
 
 
