@@ -206,6 +206,9 @@ def image_sets(name: str, card: dict, sizes: dict[str, int], seed: int) -> tuple
     return ind, out, about
 
 
+# (OOD set, control set): the OOD set against a control of the same image source that is semantically
+# in-distribution, both low-resolution CIFAR-10 upscaled: what is left is the unknown classes' own signal
+CONTRASTS = (("cifar10_non_animals", "control_cifar10_cats_dogs"), ("cifar10_8_classes", "control_cifar10_cats_dogs"))
 UNIONS = {  # sets reported beside the sets they join
     "synthetic_all": ("noise", "smooth_noise", "flat_colours", "gradients"),
     "cifar10_8_classes": ("cifar10_non_animals", "cifar10_other_animals"),
@@ -295,7 +298,10 @@ def evaluate(method: Method, feats: dict[str, tuple[torch.Tensor, torch.Tensor]]
                       "fpr_at_val_threshold": ood.fpr_at(scores[name], threshold),
                       "fpr_at_test_95tpr": ood.fpr_at(scores[name], test_threshold),
                       "images": len(scores[name])} for name in ood_names}
-    return {"about": method.about, "threshold": threshold, "val_tpr": ood.tpr_at(scores["val"], threshold),
+    contrasts = {f"{bad}_vs_{good}": {"auroc": ood.auroc(scores[good], scores[bad]),
+                                      "fpr_at_95tpr_of_control": ood.fpr_at(scores[bad], ood.threshold_at_tpr(scores[good], TPR))}
+                 for bad, good in CONTRASTS if bad in scores and good in scores}
+    return {"about": method.about, "threshold": threshold, "contrasts": contrasts, "val_tpr": ood.tpr_at(scores["val"], threshold),
             "test_tpr": ood.tpr_at(scores["test"], threshold), "sets": per_set}
 
 
@@ -395,6 +401,11 @@ def table(result: dict) -> str:
                  f"{100 * m['cost_ratio']:.2f} %"]
         cells += [f"{s['auroc']:.3f} / {100 * s['fpr_at_val_threshold']:.1f} %" for s in m["sets"].values()]
         lines.append("| " + " | ".join(cells) + " |")
+    contrasts = [(name, key, c) for name, m in result["methods"].items() for key, c in m.get("contrasts", {}).items()]
+    if contrasts:
+        lines += ["", "Contrasts (AUROC / FPR at the control's own 95 %-TPR threshold, the control as in-distribution)", ""]
+        lines += [f"- {name}: {key}: {c['auroc']:.3f} / {100 * c['fpr_at_95tpr_of_control']:.1f} %"
+                  for name, key, c in contrasts]
     return "\n".join(lines)
 
 
