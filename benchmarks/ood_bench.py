@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from service.preprocess import InputSpec, normalize  # noqa: E402
-from training import ood  # noqa: E402
+from training import ood, ood_images  # noqa: E402
 from training.cam import rebuild_from_registry  # noqa: E402
 from training.data import CIFAR10_CLASSES, load_catsdogs, load_cifar10  # noqa: E402
 from training.export import card_dataset  # noqa: E402
@@ -155,8 +155,10 @@ def picks_for(labels: torch.Tensor, label: int, n: int, seed: int) -> torch.Tens
 
 
 def synthetic_sets(n: int, size: tuple[int, int], seed: int) -> dict[str, torch.Tensor]:
-    return {"noise": ood.uniform_noise(n, size, seed), "smooth_noise": ood.smooth_noise(n, size, seed + 1),
-            "flat_colours": ood.flat_colours(n, size, seed + 2), "gradients": ood.gradients(n, size, seed + 3)}
+    return {"noise": ood_images.uniform_noise(n, size, seed),
+            "smooth_noise": ood_images.smooth_noise(n, size, seed + 1),
+            "flat_colours": ood_images.flat_colours(n, size, seed + 2),
+            "gradients": ood_images.gradients(n, size, seed + 3)}
 
 
 def image_sets(name: str, card: dict, sizes: dict[str, int], seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str]]:
@@ -172,7 +174,7 @@ def image_sets(name: str, card: dict, sizes: dict[str, int], seed: int) -> tuple
     out = synthetic_sets(sizes["synthetic"], size, seed)
     about = {k: f"{sizes['synthetic']} synthetic images ({k.replace('_', ' ')}), seeded" for k in out}
     shuffled = ind["test"][:sizes["shuffled"]]
-    out["pixel_shuffled"] = ood.pixel_shuffle(shuffled, seed)
+    out["pixel_shuffled"] = ood_images.pixel_shuffle(shuffled, seed)
     about["pixel_shuffled"] = f"{len(shuffled)} in-distribution test images, pixels shuffled"
     if name == "catsdogs":
         test = load_cifar10().test
@@ -195,7 +197,7 @@ def image_sets(name: str, card: dict, sizes: dict[str, int], seed: int) -> tuple
                                               f"({sizes['control'] // 2} each), upscaled 32->{size[0]}: a high AUROC "
                                               "here means the score flags low-resolution images, not unknown classes")
     else:
-        out["patch_shuffled_8px"] = ood.patch_shuffle(shuffled, 8, seed)
+        out["patch_shuffled_8px"] = ood_images.patch_shuffle(shuffled, 8, seed)
         about["patch_shuffled_8px"] = f"{len(shuffled)} in-distribution test images, 8x8 tiles shuffled"
         photos = load_catsdogs(size=192).test
         photos = photos.images[seeded_take(len(photos), sizes["control"], seed)]
@@ -253,7 +255,7 @@ def methods(train_feats: torch.Tensor, train_labels: torch.Tensor, classes: int,
     out = [Method("msp", f"1 - max softmax(logits / T), T = {temperature:.4f} (the served probabilities)",
                   LogitScore("msp", temperature)),
            Method("energy_T1", "-logsumexp(logits)", LogitScore("energy", 1.0)),
-           Method("energy_Tcal", f"-T logsumexp(logits / T), the calibration T", LogitScore("energy", temperature)),
+           Method("energy_Tcal", "-T logsumexp(logits / T), the calibration T", LogitScore("energy", temperature)),
            Method("max_logit", "-max logit", LogitScore("max_logit", 1.0))]
 
     def maha(name: str, about: str, **kw: Any) -> None:

@@ -1,4 +1,4 @@
-"""training.ood: scores, fitting, metrics, exportability and the synthetic OOD images (seconds)."""
+"""training.ood (scores, fitting, metrics, exportability) and training.ood_images (synthetic OOD images), in seconds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from training import ood
+from training import ood, ood_images
 
 
 def clusters(n_per_class: int = 300, dim: int = 16, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +146,8 @@ def test_scorers_export_to_onnx_and_torchscript_with_a_dynamic_batch(kind: str, 
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
 
 
-@pytest.mark.parametrize("make", [ood.uniform_noise, ood.smooth_noise, ood.flat_colours, ood.gradients])
+@pytest.mark.parametrize("make", [ood_images.uniform_noise, ood_images.smooth_noise, ood_images.flat_colours,
+                                  ood_images.gradients])
 def test_generators_are_seeded_uint8_images(make) -> None:
     a, b, c = make(6, (24, 40), seed=1), make(6, (24, 40), seed=1), make(6, (24, 40), seed=2)
     assert a.shape == (6, 3, 24, 40) and a.dtype == torch.uint8
@@ -155,17 +156,17 @@ def test_generators_are_seeded_uint8_images(make) -> None:
 
 
 def test_flat_colours_are_flat_and_gradients_vary() -> None:
-    flat = ood.flat_colours(4, (8, 8), seed=0)
+    flat = ood_images.flat_colours(4, (8, 8), seed=0)
     assert bool((flat == flat[:, :, :1, :1]).all())
-    grad = ood.gradients(4, (16, 16), seed=0).float()
+    grad = ood_images.gradients(4, (16, 16), seed=0).float()
     assert bool((grad.amax(dim=(2, 3)) - grad.amin(dim=(2, 3)) > 0).any(dim=1).all())
 
 
 def test_pixel_shuffle_keeps_the_pixels_and_moves_them() -> None:
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    shuffled = ood.pixel_shuffle(images, seed=0)
+    shuffled = ood_images.pixel_shuffle(images, seed=0)
     assert shuffled.shape == images.shape and shuffled.dtype == torch.uint8
-    assert torch.equal(shuffled, ood.pixel_shuffle(images, seed=0))
+    assert torch.equal(shuffled, ood_images.pixel_shuffle(images, seed=0))
     assert not torch.equal(shuffled, images)
     # the same multiset of RGB triples per image (pixels moved whole, channels together)
     for before, after in zip(images, shuffled):
@@ -175,11 +176,11 @@ def test_pixel_shuffle_keeps_the_pixels_and_moves_them() -> None:
 
 def test_patch_shuffle_moves_whole_tiles() -> None:
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).reshape(2, 3, 8, 8)
-    shuffled = ood.patch_shuffle(images, 4, seed=3)
+    shuffled = ood_images.patch_shuffle(images, 4, seed=3)
     tiles = lambda img: sorted(img[:, y:y + 4, x:x + 4].flatten().tolist() for y in (0, 4) for x in (0, 4))  # noqa: E731
     assert all(tiles(a) == tiles(b) for a, b in zip(images, shuffled))
     with pytest.raises(ValueError):
-        ood.patch_shuffle(images, 3)
+        ood_images.patch_shuffle(images, 3)
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])

@@ -26,19 +26,15 @@ The two scorers are small ``nn.Module`` s whose buffers hold the fitted statisti
 ``forward(features) -> score`` exports to ONNX (opset 17, dynamic batch) and traces to TorchScript,
 so they can be appended to a served graph that then returns ``(probabilities, ood_score)``.
 
-Evaluation: :func:`threshold_at_tpr`, :func:`tpr_at`, :func:`fpr_at`, :func:`auroc`. Synthetic
-OOD images and corruptions (seeded, uint8 ``(N, 3, H, W)``): :func:`uniform_noise`,
-:func:`smooth_noise`, :func:`flat_colours`, :func:`gradients`, :func:`pixel_shuffle`,
-:func:`patch_shuffle`.
+Evaluation: :func:`threshold_at_tpr`, :func:`tpr_at`, :func:`fpr_at`, :func:`auroc`. The synthetic
+OOD images and corruptions the measurements use are in :mod:`training.ood_images`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # --- scores from the classifier's outputs ---------------------------------------------------------
@@ -206,65 +202,3 @@ def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
     ranks = average_ranks(torch.cat([in_scores.double().flatten(), out_scores.double().flatten()]))
     u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2.0
     return float(u / (n_in * n_out))
-
-
-# --- synthetic OOD images and corruptions ------------------------------------------------------------
-
-
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def uniform_noise(n: int, size: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """i.i.d. uniform pixel noise, uint8 (n, 3, H, W)."""
-    return torch.randint(0, 256, (n, 3, *size), generator=_generator(seed), dtype=torch.uint8)
-
-
-def smooth_noise(n: int, size: Sequence[int], seed: int = 0, cell: int = 8) -> torch.Tensor:
-    """Uniform noise on a grid ``cell`` times coarser, upscaled bilinearly: blobs of colour."""
-    h, w = size
-    coarse = torch.rand(n, 3, max(1, h // cell), max(1, w // cell), generator=_generator(seed)) * 255.0
-    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255).to(torch.uint8)
-
-
-def flat_colours(n: int, size: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """One random colour per image, uint8 (n, 3, H, W)."""
-    colours = torch.randint(0, 256, (n, 3, 1, 1), generator=_generator(seed), dtype=torch.uint8)
-    return colours.expand(n, 3, *size).contiguous()
-
-
-def gradients(n: int, size: Sequence[int], seed: int = 0) -> torch.Tensor:
-    """Linear gradients between two random colours along a random direction, uint8 (n, 3, H, W)."""
-    g = _generator(seed)
-    h, w = size
-    start = torch.rand(n, 3, 1, 1, generator=g) * 255.0
-    end = torch.rand(n, 3, 1, 1, generator=g) * 255.0
-    angle = torch.rand(n, 1, 1, generator=g) * 2 * math.pi
-    ys = torch.linspace(-1.0, 1.0, h).view(1, h, 1)
-    xs = torch.linspace(-1.0, 1.0, w).view(1, 1, w)
-    t = xs * torch.cos(angle) + ys * torch.sin(angle)  # (n, H, W) in [-sqrt 2, sqrt 2]
-    t = ((t - t.amin(dim=(1, 2), keepdim=True)) / (t.amax(dim=(1, 2), keepdim=True)
-                                                   - t.amin(dim=(1, 2), keepdim=True) + 1e-12)).unsqueeze(1)
-    return (start + (end - start) * t).round().clamp(0, 255).to(torch.uint8)
-
-
-def pixel_shuffle(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Each image's pixels (all channels of a position together) in a random order of its own:
-    the colour histogram stays, every shape is gone. ``images``: (N, C, H, W), any dtype."""
-    n, c, h, w = images.shape
-    order = torch.argsort(torch.rand(n, h * w, generator=_generator(seed)), dim=1)
-    flat = images.reshape(n, c, h * w)
-    return flat.gather(2, order.unsqueeze(1).expand(n, c, h * w)).reshape(n, c, h, w)
-
-
-def patch_shuffle(images: torch.Tensor, patch: int, seed: int = 0) -> torch.Tensor:
-    """Each image cut into ``patch`` x ``patch`` tiles put back in a random order of its own: local
-    texture stays, the object is gone (a milder corruption than :func:`pixel_shuffle`)."""
-    n, c, h, w = images.shape
-    if h % patch or w % patch:
-        raise ValueError(f"patch {patch} does not divide {h}x{w}")
-    gh, gw = h // patch, w // patch
-    tiles = images.reshape(n, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c, patch, patch)
-    order = torch.argsort(torch.rand(n, gh * gw, generator=_generator(seed)), dim=1)
-    tiles = tiles.gather(1, order.view(n, gh * gw, 1, 1, 1).expand_as(tiles))
-    return tiles.reshape(n, gh, gw, c, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
