@@ -46,11 +46,12 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.preprocess import InputSpec, normalize  # noqa: E402
+from service.card import InputSpec  # noqa: E402
+from service.preprocess import normalize  # noqa: E402
 from training import ood, ood_images  # noqa: E402
 from training.cam import rebuild_from_registry  # noqa: E402
 from training.data import CIFAR10_CLASSES, load_catsdogs, load_cifar10  # noqa: E402
-from training.export import card_dataset  # noqa: E402
+from training.splits import card_dataset  # noqa: E402
 
 OPSET = 17
 TPR = 0.95
@@ -75,7 +76,7 @@ def last_linear(net: nn.Module) -> nn.Linear:
 
 
 def tta_views(x: torch.Tensor, level: int) -> list[torch.Tensor]:
-    """The views :class:`training.nets.TestTimeAugment` evaluates, in the order of TTA_WEIGHTS."""
+    """The views :class:`training.graph.TestTimeAugment` evaluates, in the order of TTA_WEIGHTS."""
     if level == 0:
         return [x]
     views = [x, x.flip(3)]
@@ -165,7 +166,7 @@ def image_sets(name: str, card: dict, sizes: dict[str, int], seed: int) -> tuple
     """(in-distribution splits {train, val, test} with labels under ``*_labels``, OOD sets,
     descriptions of the OOD sets)."""
     data = card_dataset(card)
-    size = tuple(card["input"]["size"])
+    size = card.input.size
     ind: dict[str, torch.Tensor] = {}
     for split in ("train", "val", "test"):
         part = getattr(data, split)
@@ -327,17 +328,17 @@ def bench_model(name: str, models_dir: Path, sizes: dict[str, int], seed: int, f
                 log: Callable[[str], None]) -> dict:
     started = time.perf_counter()
     net, card = rebuild_from_registry(models_dir / name)
-    spec = InputSpec.from_card(card)
-    size = tuple(card["input"]["size"])
-    level = (card.get("test_time_augmentation") or {}).get("level", 0)
-    temperature = (card.get("calibration") or {}).get("temperature", 1.0)
+    spec = card.input
+    size = card.input.size
+    level = card.tta_level
+    temperature = card.temperature
     batch = max(1, min(256, (8 << 20) // (4 * 3 * size[0] * size[1] * len(TTA_WEIGHTS[level]))))
     graph = FeaturesGraph(net, level).eval()
     example = torch.rand(2, 3, *size)
     session = export_onnx(graph, (example,), folder / f"{name}-features.onnx", ["input"], ["logits", "features"])
     shipped_opts = ort.SessionOptions()
     shipped_opts.intra_op_num_threads = torch.get_num_threads()
-    shipped = ort.InferenceSession(str(models_dir / name / card["artifacts"]["onnx"]["file"]), shipped_opts,
+    shipped = ort.InferenceSession(str(models_dir / name / card.artifact("onnx").file), shipped_opts,
                                    providers=["CPUExecutionProvider"])
     ind, out, about = image_sets(name, card, sizes, seed)
     log(f"{name}: sets built ({time.perf_counter() - started:.0f} s); extracting features")
@@ -369,7 +370,7 @@ def bench_model(name: str, models_dir: Path, sizes: dict[str, int], seed: int, f
     accuracy = float((feats["test"][0].argmax(1) == ind["test_labels"]).float().mean())
     network_s = median_seconds(lambda: shipped.run(None, {shipped.get_inputs()[0].name:
                                                          normalize(ind["test"][:batch].numpy(), spec)}), 3) / batch
-    fitted = methods(feats["train"][1], ind["train_labels"], len(card["classes"]), temperature, seed)
+    fitted = methods(feats["train"][1], ind["train_labels"], len(card.classes), temperature, seed)
     results = {}
     cost_logits, cost_feats = feats["test"][0][:256], feats["test"][1][:256]
     for method in fitted:
@@ -379,7 +380,7 @@ def bench_model(name: str, models_dir: Path, sizes: dict[str, int], seed: int, f
                       cost_ratio=per_image / network_s, onnx_max_rel_diff=diff)
         results[method.name] = result
     log(f"{name}: done in {time.perf_counter() - started:.0f} s")
-    return {"model": name, "architecture": card["architecture"], "version": card["version"],
+    return {"model": name, "architecture": card.architecture, "version": card.version,
             "feature_dim": int(feats["train"][1].shape[1]), "tta_level": level, "temperature": temperature,
             "sample_sizes": {k: len(ind[k]) for k in ("train", "val", "test")} | {k: len(feats[k][0]) for k in ood_names},
             "sample_seed": seed, "ood_sets": about, "test_accuracy_on_sample": accuracy,

@@ -189,7 +189,8 @@ def test_the_benchmarks_features_graph_computes_the_served_logits(level: int) ->
     logits follow from them, and the logits are TestTimeAugment's."""
     import importlib.util
 
-    from training.nets import TestTimeAugment, fastnet_tiny
+    from training.fastnet import fastnet_tiny
+    from training.graph import TestTimeAugment
 
     spec = importlib.util.spec_from_file_location("ood_bench", Path(__file__).resolve().parent.parent
                                                   / "benchmarks" / "ood_bench.py")
