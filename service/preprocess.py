@@ -214,16 +214,6 @@ def draft_request(image: Image.Image, size: Sequence[int]) -> tuple[int, int] | 
     return new_w * DRAFT_MARGIN, new_h * DRAFT_MARGIN
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 size: Sequence[int] | None = None) -> Image.Image:
-    """Decode upload bytes into an upright 8-bit RGB image, or raise :class:`ImageError`.
-
-    With ``size`` (the model's (h, w)), a large JPEG is decoded at a reduced scale still at least
-    ``DRAFT_MARGIN`` times the resized size (see :data:`DRAFT_MARGIN`); without it, at full size.
-    """
-    return load_rgb(open_for(data, size, max_pixels))
-
-
 # What Pillow raises on corrupt data while it parses a file (Image.open, draft, load, the EXIF
 # block): its format plugins (Python) and decoders (C) raise OSError (truncated or bad data,
 # decoder errors), SyntaxError (a plugin's "not a PNG/GIF/... file"), ValueError, EOFError,

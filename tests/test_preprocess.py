@@ -27,14 +27,21 @@ from service.preprocess import (
     MAX_SIDE,
     DecodeBudget,
     ImageError,
-    decode_image,
+    load_rgb,
     max_decode_bytes,
+    open_for,
     normalize,
     resize_and_crop,
     resized_size,
 )
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def decode_image(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
+    """An upload decoded to upright 8-bit RGB before the resize: the first two steps of
+    ``decode_to_array`` (with ``size``, a large JPEG takes its reduced-scale decode)."""
+    return load_rgb(open_for(data, size))
 SIZES = {p.parent.name: read_card(p.parent).input.size for p in sorted((REPO / "models").glob("*/card.json"))}
 
 
