@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.config import host_cores
 from service.pipeline import decode_batch
 from service.registry import sha256_file
 
@@ -146,7 +147,7 @@ def decode_files(paths: Sequence[Path], size: Sequence[int], workers: int | None
             index, error = decoded.errors[0]
             raise DatasetDecodeError(f"{part[index]}: {error}") from error
 
-    with ThreadPoolExecutor(workers or os.cpu_count() or 2) as pool:
+    with ThreadPoolExecutor(workers or host_cores()) as pool:
         list(pool.map(decode_chunk, range(0, len(paths), chunk)))
     return torch.from_numpy(out)
 
