@@ -141,7 +141,8 @@ def test_metrics_count_what_was_served(server: Server, cifar_samples) -> None:
     before = {"images": metric(server, "imgclf_images_total", 'model="cifar10"'),
               "ok": metric(server, "imgclf_requests_total", 'endpoint="/classify",status="200"'),
               "rejected": metric(server, "imgclf_rejected_total", 'error="not_an_image"'),
-              "bentoml": metric(server, "bentoml_service_request_duration_seconds_count", 'endpoint="/classify"')}
+              "bentoml": metric(server, "bentoml_service_request_duration_seconds_count", 'endpoint="/classify"'),
+              "timed": metric(server, "imgclf_request_duration_seconds_count", 'endpoint="/classify"')}
     for _, data in cifar_samples[:3]:
         assert post(server, {"image": ("x.jpg", data)}).status_code == 200
     assert post(server, {"image": ("x.txt", b"plain text")}).status_code == 400
@@ -149,7 +150,8 @@ def test_metrics_count_what_was_served(server: Server, cifar_samples) -> None:
     assert metric(server, "imgclf_requests_total", 'endpoint="/classify",status="200"') - before["ok"] == 3
     assert metric(server, "imgclf_rejected_total", 'error="not_an_image"') - before["rejected"] == 1
     assert metric(server, "bentoml_service_request_duration_seconds_count", 'endpoint="/classify"') \
-        - before["bentoml"] == 4  # BentoML's own request metrics see the mounted app's requests
+        - before["bentoml"] == 4  # BentoML's own request metrics see the requests ServiceFirst serves
+    assert metric(server, "imgclf_request_duration_seconds_count", 'endpoint="/classify"') - before["timed"] == 4
 
 
 # --- bad input: every case a 4xx JSON {"error", "detail"}, and the server keeps serving ---------
@@ -671,7 +673,7 @@ def test_docs_page_and_openapi_document(server: Server) -> None:
     ("GET", "/ui/missing.js", 404, "not_found"),
     ("POST", "/models", 405, "method_not_allowed"),
     ("PUT", "/models/cifar10", 405, "method_not_allowed"),
-    # a line feed in the path: BentoML's mount cannot route it (service.app.LineFeedPaths; found by
+    # a line feed in the path: BentoML's mount cannot route it (service.app.ServiceFirst; found by
     # schemathesis, it was a plain-text 404)
     ("GET", "/models/a%0Ab", 404, "unknown_model"),
     ("POST", "/x%0Ay", 404, "not_found"),

@@ -64,7 +64,7 @@ def test_the_app_answers_500_with_the_request_id_and_logs_it(bug: None, monkeypa
 
     async def post() -> list[httpx.Response]:
         api = Api(settings, cards, default, Batcher(runner, 8, 1000, 100), on_reject=lambda error: None,
-                  on_answer=lambda endpoint, status: None, openapi=b"{}")
+                  on_answer=lambda endpoint, status, seconds: None, openapi=b"{}")
         transport = httpx.ASGITransport(app=build_app(lambda: api), raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as client:
             return [await client.post("/classify", files={"image": ("x.png", PNG)}, headers={"x-request-id": rid})
