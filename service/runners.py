@@ -15,12 +15,14 @@ with the worker's one :class:`~service.preprocess.DecodeBudget`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
-from service.batching import Job
+from service.batching import AsyncRunner, Job, Outcome
 from service.pipeline import DecodedBatch, decode_batch, predict
 from service.preprocess import DecodeBudget
 from service.registry import LoadedModel
@@ -65,14 +67,15 @@ def run_model(model: LoadedModel, pixels: np.ndarray, observe: Observe | None = 
 
 
 class LocalRunner:
-    """Decode and run a batch in the API worker: one thread hop per batch."""
+    """Decode and run a batch in the API worker, in the runner's thread (one per batch in flight)."""
 
     def __init__(self, models: dict[str, LoadedModel], max_pixels: int, budget: DecodeBudget | None = None,
-                 observe: Observe | None = None) -> None:
+                 observe: Observe | None = None, threads: int = 1) -> None:
         self.models = models
         self.max_pixels = max_pixels
         self.budget = budget
         self.observe = observe
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgclf-batch")
         warm_up(models)
 
     def run(self, jobs: Sequence[Job]) -> list[Any]:
@@ -82,11 +85,18 @@ class LocalRunner:
             scatter(rows, index, scored.rows())
         return rows
 
-    async def __call__(self, jobs: Sequence[Job]) -> list[Any]:
-        return await asyncio.to_thread(self.run, jobs)
+    def start(self, jobs: Sequence[Job], done: Callable[[Outcome], None]) -> None:
+        """The batch goes to the thread now; when it ends, ``done`` is queued straight on the event
+        loop (``asyncio.to_thread`` passes through an asyncio future and the awaiting task first)."""
+        loop = asyncio.get_running_loop()
+
+        def finished(future: Future[list[Any]]) -> None:  # in the runner's thread
+            loop.call_soon_threadsafe(done, future.exception() or future.result())
+
+        self.executor.submit(contextvars.copy_context().run, self.run, jobs).add_done_callback(finished)
 
 
-class RemoteRunner:
+class RemoteRunner(AsyncRunner):
     """Decode in the API worker, then one engine call per model in the batch."""
 
     def __init__(self, call: Callable[[str, np.ndarray], Awaitable[np.ndarray]], max_pixels: int,
@@ -95,7 +105,7 @@ class RemoteRunner:
         self.max_pixels = max_pixels
         self.budget = budget
 
-    async def __call__(self, jobs: Sequence[Job]) -> list[Any]:
+    async def run(self, jobs: Sequence[Job]) -> list[Any]:
         rows: list[Any] = [None] * len(jobs)
         groups = await asyncio.to_thread(decode_groups, jobs, self.max_pixels, self.budget)
         for model, (index, batch) in groups.items():

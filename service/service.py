@@ -208,7 +208,7 @@ class ImageClassifier:
             logger.info("models run in the inference-engine service (engine=service)")
         else:
             models = load_models(settings, ARGS.layout, settings.threads_per_worker(ARGS.workers))
-            runner = LocalRunner(models, settings.max_pixels, budget, observe_batch)
+            runner = LocalRunner(models, settings.max_pixels, budget, observe_batch, settings.in_flight(ARGS.layout))
         batcher = Batcher(runner, settings.max_batch_size, settings.max_latency_ms, settings.max_queue,
                           settings.batching, in_flight=settings.in_flight(ARGS.layout),
                           max_queue_bytes=settings.max_queue_bytes)

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import CIFAR_CARD, SHIPPED_MODELS, encode
+from service.batching import AsyncRunner
 
-class GatedRunner:
+class GatedRunner(AsyncRunner):
     """A runner for :class:`service.batching.Batcher` that holds each batch until released and
     records what it was given (the real model runs in the server tests; this checks the queue)."""
 
@@ -22,7 +23,7 @@ class GatedRunner:
         self.gate = asyncio.Event()
         self.fail_first = fail_first
 
-    async def __call__(self, jobs) -> list:
+    async def run(self, jobs) -> list:
         self.batches.append([job.data for job in jobs])
         await self.gate.wait()
         if self.fail_first and len(self.batches) == 1:
