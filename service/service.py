@@ -65,6 +65,11 @@ REJECTED = bentoml.metrics.Counter(
 REQUESTS = bentoml.metrics.Counter(
     name="imgclf_requests_total", documentation="Requests answered, by endpoint and status",
     labelnames=["endpoint", "status"])
+OUT_OF_DISTRIBUTION = bentoml.metrics.Counter(
+    name="imgclf_out_of_distribution_total",
+    documentation="Answers whose image the model judged out of distribution (ood_score above the card's "
+                  "threshold): a rising share of imgclf_images_total is an input stream drifting away from the "
+                  "training data", labelnames=["model"])
 ENGINE_CALLS = bentoml.metrics.Counter(
     name="imgclf_engine_calls_total",
     documentation="Calls received by the inference-engine service (one per batch of an API worker)",
@@ -181,6 +186,7 @@ class ImageClassifier:
                        on_reject=lambda error: REJECTED.labels(error=error).inc(),
                        on_answer=lambda endpoint, status: REQUESTS.labels(endpoint=endpoint,
                                                                           status=str(status)).inc(),
+                       on_ood=lambda model, n: OUT_OF_DISTRIBUTION.labels(model=model).inc(n),
                        openapi=json.dumps(openapi_document(sorted(cards), default)).encode(),
                        # without torch (the CPU image) /explain answers 501 not_explainable
                        explainer=Explainer(settings.models_dir, cards, settings.max_pixels, budget)
