@@ -102,6 +102,9 @@ class TorchScriptBackend:
             self.module = torch.jit.load(str(path), map_location=device).eval()
         if device == "cuda":  # half-precision activations and NHWC kernels on the GPU
             self.module = self.module.half().to(memory_format=torch.channels_last)
+            scorer = getattr(getattr(self.module, "serving", None), "scorer", None)
+            if ood and scorer is not None:  # distances in the thousands: the OOD statistics stay float32
+                scorer.float()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
