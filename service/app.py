@@ -40,6 +40,7 @@ from service.errors import ClientGone, Rejected, image_rejection, overloaded
 from service.explain import Explainer, NotExplainable
 from service.form import Form, class_index, form_model, form_options, one_file, pick_files, read_form
 from service.logs import request_id
+from service.ood import answer_fields
 from service.preprocess import ImageError
 from service.ui import ui_routes
 
@@ -58,6 +59,7 @@ class Api:
     on_answer: Callable[[str, int, float], None]  # (endpoint, status, seconds from request to answer)
     openapi: bytes
     explainer: Explainer | None = None  # None: /explain answers 501 not_explainable
+    on_ood: Callable[[str, int], None] | None = None  # (model, answers out of distribution): /metrics
 
     def check(self, model: str, top_k: int) -> ModelCard:
         if model not in self.cards:
@@ -72,8 +74,11 @@ CurrentApi = Callable[[], "Api | None"]  # the worker's Api; None while the work
 
 # --- answers --------------------------------------------------------------------------------------
 
-def prediction(card: ModelCard, probabilities: np.ndarray, top_k: int) -> dict[str, Any]:
+def prediction(card: ModelCard, row: np.ndarray, top_k: int) -> dict[str, Any]:
+    """One image's answer from its model output row: the probabilities, and for a model with an
+    OOD score ``ood_score`` and ``in_distribution`` (:mod:`service.ood`; absent otherwise)."""
     classes = card.classes
+    probabilities = row[:len(classes)]
     values = probabilities.tolist()
     order = np.argsort(-probabilities, kind="stable")[: min(top_k, len(classes))].tolist()
     return {
@@ -82,7 +87,17 @@ def prediction(card: ModelCard, probabilities: np.ndarray, top_k: int) -> dict[s
         "label": classes[order[0]],
         "probabilities": dict(zip(classes, values)),
         "top_k": [{"label": classes[i], "probability": values[i]} for i in order],
+        **answer_fields(card, row),
     }
+
+
+def count_ood(api: Api, card: ModelCard, answers: list[dict[str, Any]]) -> None:
+    """Count ``card``'s answers judged out of distribution (``/metrics``, per model)."""
+    if api.on_ood is None or card.ood is None:
+        return
+    flagged = sum(1 for a in answers if a.get("in_distribution") is False)
+    if flagged:
+        api.on_ood(card.name, flagged)
 
 
 def json_bytes(payload: Any) -> bytes:
@@ -197,7 +212,9 @@ class Classify(Endpoint):
         (row,) = await self.infer(api, card, [data], receive)
         if isinstance(row, ImageError):
             raise image_rejection(row)
-        return prediction(card, row, top_k)
+        answer = prediction(card, row, top_k)
+        count_ood(api, card, [answer])
+        return answer
 
 
 class Explain(Endpoint):
@@ -233,6 +250,7 @@ class ClassifyBatch(Endpoint):
         rows = await self.infer(api, card, files, receive)
         results = [{"error": row.error, "detail": row.detail} if isinstance(row, ImageError)
                    else prediction(card, row, top_k) for row in rows]
+        count_ood(api, card, results)
         return {"model": model, "version": card.version, "results": results}
 
 

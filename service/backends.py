@@ -1,7 +1,10 @@
 """Where a model runs: ONNX Runtime (default; its CUDA provider when onnxruntime-gpu finds a GPU)
 or TorchScript (CUDA when available). A backend takes a normalised float32 batch and returns the
-graph's output (probabilities: the exported graphs end in a softmax). Each imports its runtime
-only when made, so a host without torch serves ONNX without importing it.
+graph's output (probabilities: the exported graphs end in a softmax). Made with ``ood=True`` (the
+card has an ``ood`` section), it asks the graph for both outputs by name, ``probabilities`` and
+``ood_score``, and returns them as one array, the score as the last column
+(:func:`service.ood.pack`). Each imports its runtime only when made, so a host without torch
+serves ONNX without importing it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.card import RegistryError
+from service.ood import pack
 
 BACKENDS = ("onnx", "torchscript")
+OUTPUTS = ("probabilities", "ood_score")  # the graph outputs of an entry with an OOD score
 
 
 class Backend(Protocol):
@@ -24,7 +29,7 @@ class Backend(Protocol):
 
 
 class OnnxBackend:
-    def __init__(self, path: Path, device: str, threads: int = 0) -> None:
+    def __init__(self, path: Path, device: str, threads: int = 0, ood: bool = False) -> None:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -46,12 +51,18 @@ class OnnxBackend:
         options.log_severity_level = 3  # ORT warns about unused CUDA libraries on CPU hosts
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
+        self.ood = ood
+        if ood and tuple(o.name for o in self.session.get_outputs()) != OUTPUTS:
+            raise RegistryError(f"{path}: the card has an ood section but the graph's outputs are "
+                                f"{[o.name for o in self.session.get_outputs()]}, not {list(OUTPUTS)}")
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.run_options = run_options(self.device)
         self.keep_arena = ort.RunOptions()  # the arena keeps what the run took
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         options = self.run_options if batch.nbytes > ARENA_KEEP_INPUT_BYTES else self.keep_arena
+        if self.ood:
+            return pack(*self.session.run(list(OUTPUTS), {self.input_name: batch}, options))
         return self.session.run(None, {self.input_name: batch}, options)[0]
 
 
@@ -76,7 +87,7 @@ def run_options(device: str) -> Any:
 
 
 class TorchScriptBackend:
-    def __init__(self, path: Path, device: str, threads: int = 0) -> None:
+    def __init__(self, path: Path, device: str, threads: int = 0, ood: bool = False) -> None:
         import torch
 
         if device == "auto":
@@ -85,11 +96,15 @@ class TorchScriptBackend:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
+        self.ood = ood
         with warnings.catch_warnings():  # TorchScript is deprecated upstream; ONNX is our default
             warnings.simplefilter("ignore", FutureWarning)
             self.module = torch.jit.load(str(path), map_location=device).eval()
         if device == "cuda":  # half-precision activations and NHWC kernels on the GPU
             self.module = self.module.half().to(memory_format=torch.channels_last)
+            scorer = getattr(getattr(self.module, "serving", None), "scorer", None)
+            if ood and scorer is not None:  # distances in the thousands: the OOD statistics stay float32
+                scorer.float()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -97,7 +112,14 @@ class TorchScriptBackend:
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             if self.device == "cuda":
                 x = x.half().contiguous(memory_format=torch.channels_last)
-            return self.module(x).float().cpu().numpy()
+            out = self.module(x)
+            if isinstance(out, tuple):  # (probabilities, ood_score): a graph with an OOD score
+                if not self.ood:
+                    return out[0].float().cpu().numpy()
+                return pack(out[0].float().cpu().numpy(), out[1].float().cpu().numpy())
+            if self.ood:
+                raise RegistryError("the card has an ood section but the TorchScript graph returns one output")
+            return out.float().cpu().numpy()
 
 
 def gpu_backend_usable(backend: str) -> bool:

@@ -5,8 +5,8 @@
     write_card(folder, card.updated(version="...", parity={...}))
 
 The fields every consumer relies on are typed attributes (name, version, classes, the input
-contract, the artifacts, the architecture, test-time augmentation, calibration, metrics, the
-training record and the split it was measured on); the descriptive rest (``task``, ``output``,
+contract, the artifacts, the architecture, test-time augmentation, calibration, the out-of-distribution
+score's threshold (``ood``), metrics, the training record and the split it was measured on); the descriptive rest (``task``, ``output``,
 ``parity``, ``exported``, commands, ``quantization``, ...) is kept as read in :attr:`ModelCard.extra`,
 so a card survives a read/write round trip key for key. Training writes cards, the service reads
 them; neither spells a key of the file anywhere else.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,40 @@ class Artifact:
         return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
 
 
+@dataclass(frozen=True)
+class OODSpec:
+    """The card's ``ood`` section: the out-of-distribution score the graphs return beside the
+    probabilities (``ood_score``; higher = further from the training data) and the threshold an
+    answer is judged by: ``in_distribution = ood_score <= threshold``. The rest of the section (the
+    statistics' description, the split the threshold came from, the figures measured at export on
+    the proxy sets) is kept as read, so the section survives a round trip key for key."""
+
+    method: str
+    threshold: float
+    section: Mapping[str, Any]  # the whole section, as read or as export wrote it
+
+    @classmethod
+    def from_dict(cls, section: Any) -> "OODSpec":
+        if not isinstance(section, Mapping):
+            raise ValueError("ood must be an object")
+        method, threshold = section.get("method"), section.get("threshold")
+        if not isinstance(method, str) or not method:
+            raise ValueError("ood.method must name the score")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
+            raise ValueError(f"ood.threshold must be a finite number, got {threshold!r}")
+        outputs = section.get("outputs", {}).get("onnx", ["probabilities", "ood_score"]) \
+            if isinstance(section.get("outputs", {}), Mapping) else None
+        if outputs != ["probabilities", "ood_score"]:
+            raise ValueError(f"ood.outputs.onnx must be ['probabilities', 'ood_score'], got {outputs!r}")
+        return cls(method=method, threshold=float(threshold), section=dict(section))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.section, "method": self.method, "threshold": self.threshold}
+
+
 # The typed fields in the order a card is written; ``extra`` keys keep their place among them.
 TYPED = ("name", "version", "classes", "input", "architecture", "metrics", "training", "split_spec",
-         "artifacts", "test_time_augmentation", "calibration")
+         "artifacts", "test_time_augmentation", "calibration", "ood")
 REQUIRED = ("name", "version", "classes", "input", "artifacts")
 
 
@@ -101,6 +133,7 @@ class ModelCard:
     split_spec: dict[str, Any] | None = None  # what rebuilds the run's exact split (dataset, seed, ...)
     test_time_augmentation: dict[str, Any] | None = None  # the graph averages these views
     calibration: dict[str, Any] | None = None  # temperature scaling folded into the graphs
+    ood: OODSpec | None = None  # the graphs also return an out-of-distribution score
     extra: dict[str, Any] = field(default_factory=dict)  # every other key, as read
     order: tuple[str, ...] = ()  # the keys in the order read (for a faithful rewrite)
 
@@ -137,13 +170,14 @@ class ModelCard:
             architecture = data.get("architecture")
             if architecture is not None and not isinstance(architecture, str):
                 raise ValueError("architecture must be a name")
+            ood = OODSpec.from_dict(data["ood"]) if data.get("ood") is not None else None
             return cls(name=data["name"], version=data["version"], classes=tuple(classes),
                        input=InputSpec.from_dict(data["input"]) if isinstance(data["input"], Mapping)
                        else InputSpec.from_dict({}),
                        artifacts=artifacts, architecture=architecture,
                        metrics=dict(optional["metrics"] or {}), training=dict(optional["training"] or {}),
                        split_spec=optional["split_spec"], test_time_augmentation=optional["test_time_augmentation"],
-                       calibration=calibration,
+                       calibration=calibration, ood=ood,
                        extra={k: v for k, v in data.items() if k not in TYPED},
                        order=tuple(data))
         except ValueError as exc:
@@ -155,10 +189,11 @@ class ModelCard:
                  "input": self.input.to_dict(), "architecture": self.architecture, "metrics": self.metrics,
                  "training": self.training, "split_spec": self.split_spec,
                  "artifacts": {fmt: a.to_dict() for fmt, a in self.artifacts.items()},
-                 "test_time_augmentation": self.test_time_augmentation, "calibration": self.calibration}
+                 "test_time_augmentation": self.test_time_augmentation, "calibration": self.calibration,
+                 "ood": self.ood.to_dict() if self.ood else None}
         # optional sections a card did not have stay absent
         absent = {key for key in ("architecture", "metrics", "training", "split_spec", "test_time_augmentation",
-                                  "calibration") if key not in self.order and not typed[key]}
+                                  "calibration", "ood") if key not in self.order and not typed[key]}
         merged = {**{k: v for k, v in typed.items() if k not in absent}, **self.extra}
         keys = [k for k in self.order if k in merged] + [k for k in TYPED if k in merged and k not in self.order] \
             + [k for k in merged if k not in self.order and k not in TYPED]

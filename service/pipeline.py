@@ -39,7 +39,9 @@ Item = Union[bytes, str, "os.PathLike[str]"]
 @dataclass
 class Predictions:
     """A batch's answers: ``probabilities`` row k belongs to item ``good[k]``; ``errors`` holds
-    ``(item index, ImageError)`` for the items that could not be decoded, in index order."""
+    ``(item index, ImageError)`` for the items that could not be decoded, in index order. For a
+    model whose card has an ``ood`` section each row ends with the OOD score column after the
+    class probabilities (:func:`service.ood.split` parts them; :mod:`service.ood`)."""
 
     probabilities: np.ndarray
     good: list[int]
@@ -81,7 +83,8 @@ class DecodedBatch:
 
 
 def predict(model: Callable[[np.ndarray], np.ndarray], batch: DecodedBatch) -> Predictions:
-    """Run ``model`` ((N, 3, H, W) uint8 -> (N, classes) probabilities) once on the batch's images."""
+    """Run ``model`` ((N, 3, H, W) uint8 -> (N, classes) probabilities, plus the OOD score column
+    for a model with one) once on the batch's images."""
     if not batch.good:
         return batch.scored(np.empty((0, 0), np.float32))
     return batch.scored(model(batch.pixels))

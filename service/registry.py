@@ -78,7 +78,8 @@ class LoadedModel:
         return self.card.version
 
     def predict(self, images_uint8: np.ndarray) -> np.ndarray:
-        """(N, 3, H, W) uint8 at the card's size -> (N, classes) float32 probabilities."""
+        """(N, 3, H, W) uint8 at the card's size -> (N, classes) float32 probabilities, followed by
+        the OOD score column when the card has an ``ood`` section (:mod:`service.ood`)."""
         return self.backend(normalize(images_uint8, self.card.input))
 
 
@@ -102,7 +103,8 @@ def load_model(folder: Path, backend: str = "onnx", device: str = "auto", thread
     if backend not in BACKENDS:
         raise RegistryError(f"unknown backend {backend!r}; choose from {BACKENDS}")
     path = verify_artifact(folder, card, backend)
-    runner: Backend = (OnnxBackend if backend == "onnx" else TorchScriptBackend)(path, device, threads)
+    runner: Backend = (OnnxBackend if backend == "onnx" else TorchScriptBackend)(path, device, threads,
+                                                                                 ood=card.ood is not None)
     return LoadedModel(card, runner, backend)
 
 

@@ -7,7 +7,7 @@ status the service answers with its ``{"error", "detail"}`` body and the codes i
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, Field
 
@@ -27,6 +27,14 @@ class Prediction(BaseModel):
     label: str = Field(description="the most probable class")
     probabilities: dict[str, float] = Field(description="softmax over all classes, in the card's order")
     top_k: list[TopK] = Field(description="the k most probable classes, most probable first")
+    ood_score: Optional[float] = Field(
+        default=None, description="out-of-distribution score of the image (higher = further from the model's "
+                                  "training data; the card's `ood` section says how it is computed and how it "
+                                  "was measured). Present exactly when the model's card has an `ood` section")
+    in_distribution: Optional[bool] = Field(
+        default=None, description="`ood_score <= ood.threshold` of the model's card (the threshold keeps 95 % of "
+                                  "the validation images): false means the image does not look like any of the "
+                                  "model's classes. Present exactly when `ood_score` is")
 
 
 class ErrorBody(BaseModel):

@@ -71,6 +71,11 @@ DURATION = bentoml.metrics.Histogram(
     labelnames=["endpoint"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+OUT_OF_DISTRIBUTION = bentoml.metrics.Counter(
+    name="imgclf_out_of_distribution_total",
+    documentation="Answers whose image the model judged out of distribution (ood_score above the card's "
+                  "threshold): a rising share of imgclf_images_total is an input stream drifting away from the "
+                  "training data", labelnames=["model"])
 ENGINE_CALLS = bentoml.metrics.Counter(
     name="imgclf_engine_calls_total",
     documentation="Calls received by the inference-engine service (one per batch of an API worker)",
@@ -84,6 +89,7 @@ class RequestMetrics:
     def __init__(self) -> None:
         self.answered: dict[tuple[str, int], tuple[Any, Any]] = {}  # endpoints x statuses: a few dozen
         self.rejected: dict[str, Any] = {}
+        self.out_of_distribution: dict[str, Any] = {}  # per served model
 
     def on_answer(self, endpoint: str, status: int, seconds: float) -> None:
         children = self.answered.get((endpoint, status))
@@ -98,6 +104,12 @@ class RequestMetrics:
         if child is None:
             child = self.rejected[error] = REJECTED.labels(error=error)
         child.inc()
+
+    def on_ood(self, model: str, answers: int) -> None:
+        child = self.out_of_distribution.get(model)
+        if child is None:
+            child = self.out_of_distribution[model] = OUT_OF_DISTRIBUTION.labels(model=model)
+        child.inc(answers)
 
 
 def observe_batch(model: str, size: int) -> None:
@@ -214,6 +226,7 @@ class ImageClassifier:
                           max_queue_bytes=settings.max_queue_bytes)
         metrics = RequestMetrics()
         self.api = Api(settings, cards, default, batcher, on_reject=metrics.on_reject, on_answer=metrics.on_answer,
+                       on_ood=metrics.on_ood,
                        openapi=json.dumps(openapi_document(sorted(cards), default)).encode(),
                        # without torch (the CPU image) /explain answers 501 not_explainable
                        explainer=Explainer(settings.models_dir, cards, settings.max_pixels, budget)

@@ -106,9 +106,17 @@ def test_exported_graphs_output_the_checkpoints_tempered_softmax(calibrated_expo
     assert np.abs(session.run(None, {"input": x})[0] - expected).max() < 1e-4
     scripted = torch.jit.load(str(target / "model.torchscript.pt"))
     with torch.no_grad():
-        assert np.abs(scripted(torch.from_numpy(x)).numpy() - expected).max() < 1e-4
+        probabilities, scores = scripted(torch.from_numpy(x))  # the command line fits the OOD score too
+        assert np.abs(probabilities.numpy() - expected).max() < 1e-4
     # and it is not the plain softmax
     assert np.abs(torch.softmax(logits, 1).numpy() - expected).max() > 1e-3
+    # the OOD score, fitted at export on the run's own split, its threshold at 95 % TPR on validation
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "ood_score"]
+    assert card.ood is not None and card.ood.section["fitted_on"] == {"split": "train", "images": 40_000}
+    assert card.ood.section["threshold_from"]["tpr"] == pytest.approx(0.95, abs=1e-3)
+    assert list(card.ood.section["measured"]) == ["synthetic", "pixel_shuffled", "patch_shuffled_8px",
+                                                 "control_catsdogs_photos"]
+    assert np.abs(session.run(None, {"input": x})[1] - scores.numpy()).max() <= 1e-4 * scores.abs().max().item()
 
 
 def test_export_api_default_keeps_the_plain_softmax(calibrated_export: tuple[Path, Path], tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from service.ood import in_distribution, split
+
 from training import data as D
 from training.pretrained import PretrainedWeightsUnavailable, imagenet_backbone, tv_resnet18
 
@@ -147,7 +149,10 @@ def test_shipped_catsdogs_model_on_held_out_images(catsdogs_folder: Path) -> Non
     assert model.card.classes == ("cat", "dog")
     data = D.load_catsdogs(size=model.card.input.size[0])
     # the held-out split, decoded by the serving pipeline at the card's size
-    probabilities = model.predict(data.test.images.numpy())
+    probabilities, scores = split(model.card, model.predict(data.test.images.numpy()))
+    if model.card.ood:  # the held-out photos are what the threshold was chosen to accept (95 % TPR)
+        assert in_distribution(model.card, scores).mean() == pytest.approx(
+            model.card.ood.section["in_distribution"]["tpr_at_threshold"], abs=1e-3)
     accuracy = float((probabilities.argmax(1) == data.test.labels.numpy()).mean())
     assert accuracy == pytest.approx(model.card.metrics["test_accuracy"], abs=0.005)
     assert accuracy >= 0.985  # issue 18's target for the shipped model (ImageNet EfficientNet-Lite0)

@@ -41,10 +41,14 @@ def test_scores_labeled_folder_with_metrics_and_errors(labeled_folder: Path, tmp
     assert len(rows) == 20 and rows[0]["path"] == "cats/0000.jpg"
     assert {r["true_label"] for r in rows} == {"cat", "ship"}
     card = json.loads((SHIPPED_MODELS / "cifar10" / "card.json").read_text())
+    with open(out, newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header[-4:] == ["ood_score", "in_distribution", "true_label", "model_version"]
     for r in rows:
         probabilities = [float(r[f"p_{c}"]) for c in card["classes"]]
         assert sum(probabilities) == pytest.approx(1, abs=1e-4)
         assert float(r["probability"]) == max(probabilities) and r["model_version"] == card["version"]
+        assert r["in_distribution"] == str(float(r["ood_score"]) <= card["ood"]["threshold"])
     errors = {r["path"]: r["error"] for r in read_csv(tmp_path / "pred.csv.errors.csv")}
     assert errors == {"notes.txt": "not_an_image", "ships/broken.jpg": "corrupt_image"}
     metrics = json.loads((tmp_path / "pred.csv.metrics.json").read_text())
@@ -65,6 +69,7 @@ def test_other_formats_and_resume(labeled_folder: Path, tmp_path: Path, suffix: 
     assert score.main([str(labeled_folder), "--out", str(out), "--models-dir", str(SHIPPED_MODELS)]) == 0
     first = score.read_existing(out)
     assert len(first) == 10
+    assert all(type(r["ood_score"]) is float and type(r["in_distribution"]) is bool for r in first)
     shutil.move(moved, labeled_folder / "ships")
     assert score.main([str(labeled_folder), "--out", str(out), "--resume", "--models-dir", str(SHIPPED_MODELS)]) == 0
     rows = score.read_existing(out)
@@ -114,6 +119,8 @@ def test_remote_scoring_matches_local(server: Server, labeled_folder: Path, tmp_
     assert [r["path"] for r in a] == [r["path"] for r in b]
     for x, y in zip(a, b):
         assert x["label"] == y["label"] and float(x["p_cat"]) == pytest.approx(float(y["p_cat"]), abs=1e-5)
+        assert float(x["ood_score"]) == pytest.approx(float(y["ood_score"]), rel=1e-5)
+        assert x["in_distribution"] == y["in_distribution"] in ("True", "False")
     errors = read_csv(tmp_path / "remote.csv.errors.csv")
     assert sorted(r["error"] for r in errors) == ["corrupt_image", "not_an_image"]
 
@@ -129,6 +136,7 @@ def test_ray_engine_matches_local(labeled_folder: Path, tmp_path: Path) -> None:
     assert [r["path"] for r in a] == [r["path"] for r in b]
     for x, y in zip(a, b):
         assert x["label"] == y["label"] and float(x["p_ship"]) == pytest.approx(float(y["p_ship"]), abs=1e-5)
+        assert float(x["ood_score"]) == pytest.approx(float(y["ood_score"]), rel=1e-5)
     assert {r["error"] for r in read_csv(tmp_path / "ray.csv.errors.csv")} == {"corrupt_image", "not_an_image"}
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from service.card import read_card
+from service.ood import split
 from service.pipeline import decode_batch
 from service.registry import RegistryError, load_model, load_registry, sha256_file
 
@@ -45,7 +46,7 @@ def _cifar_test_sample(cifar_folder: Path, per_class: int) -> tuple[np.ndarray, 
 def test_cifar10_accuracy_on_real_test_images_matches_card(cifar_folder: Path) -> None:
     model = load_model(SHIPPED_MODELS / "cifar10", "onnx", "cpu")
     images, labels, _ = _cifar_test_sample(cifar_folder, 100)
-    probabilities = model.predict(images)
+    probabilities, _ = split(model.card, model.predict(images))
     accuracy = float((probabilities.argmax(1) == labels).mean())
     assert np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
     # 1,000 of the 10,000 test images: within 4 points of the card's full-test figure
@@ -60,7 +61,10 @@ def test_onnx_and_torchscript_backends_agree(card_path: Path) -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, 3, *onnx.card.input.size), dtype=np.uint8)
     tolerance = max(1e-4, onnx.card.extra["parity"]["tolerance"])
-    assert np.abs(onnx.predict(images) - ts.predict(images)).max() <= tolerance
+    (onnx_p, onnx_s), (ts_p, ts_s) = split(onnx.card, onnx.predict(images)), split(ts.card, ts.predict(images))
+    assert np.abs(onnx_p - ts_p).max() <= tolerance
+    if onnx.card.ood:  # the OOD score (hundreds to thousands): relative, as export checks it
+        assert np.abs(onnx_s - ts_s).max() <= 1e-4 * np.abs(ts_s).max()
 
 
 def test_corrupted_artifact_is_refused(tmp_path: Path) -> None:
@@ -92,7 +96,7 @@ def test_gpu_backends_match_cpu(backend: str) -> None:
     assert gpu.backend.device == "cuda"
     images = np.random.default_rng(1).integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
     # the TorchScript GPU path runs in fp16: agreement to 1e-2 on probabilities, same top-1 mostly
-    got, want = gpu.predict(images), cpu.predict(images)
+    got, want = split(gpu.card, gpu.predict(images))[0], split(cpu.card, cpu.predict(images))[0]
     assert np.abs(got - want).max() < 1e-2 and (got.argmax(1) == want.argmax(1)).mean() > 0.95
 
 

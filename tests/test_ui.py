@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from conftest import REPO, Server
 from service.app import build_app
@@ -136,10 +137,13 @@ def test_page_classifies_uploads_in_chromium(node: str, server: Server, cifar_fo
                                     "catsdogs", "cat")
     text = tmp_path / "notes.txt"
     text.write_text("these are notes, not a photo\n")
+    flat = tmp_path / "flat.png"  # one colour: no class at all
+    Image.new("RGB", (200, 200), (40, 160, 90)).save(flat)
     screenshot = tmp_path / "ui.png"
     plan = {"url": server.url, "chromium": str(CHROMIUM), "screenshot": str(screenshot), "steps": [
         {"model": "cifar10", "files": [str(cifar), str(text)]},  # the file picker, two files at once
         {"model": "catsdogs", "files": [str(cat)], "drop": True},  # drag-and-drop
+        {"model": "catsdogs", "files": [str(flat)]},
     ]}
     run = subprocess.run([node, str(DRIVER), json.dumps(plan)], cwd=REPO, capture_output=True, text=True,
                          timeout=600)
@@ -151,8 +155,8 @@ def test_page_classifies_uploads_in_chromium(node: str, server: Server, cifar_fo
     assert seen["status"] == 200 and seen["final_url"].endswith("/ui/")
     assert seen["console_errors"] == []
     assert seen["models"] == sorted(models)
-    assert [row["name"] for row in seen["results"]] == [cat.name, text.name, cifar.name]  # newest first
-    shown_cat, shown_text, shown_ship = seen["results"]
+    assert [row["name"] for row in seen["results"]] == [flat.name, cat.name, text.name, cifar.name]  # newest first
+    shown_flat, shown_cat, shown_text, shown_ship = seen["results"]
     assert [shown_ship["model"], shown_text["model"], shown_cat["model"]] == ["cifar10", "cifar10", "catsdogs"]
     check_prediction(shown_ship, cifar_answer, models["cifar10"], seen["cards"][0])
     check_prediction(shown_cat, cat_answer, models["catsdogs"], seen["cards"][1])
@@ -164,6 +168,11 @@ def test_page_classifies_uploads_in_chromium(node: str, server: Server, cifar_fo
     else:
         assert status == 200 and shown_cat["gradcam_shown"] and shown_cat["gradcam_width"] > 0
 
+    # an answer outside the model's distribution is marked; the others are not
+    for shown, answer in ((shown_cat, cat_answer), (shown_ship, cifar_answer)):
+        assert (shown["ood"] is None) == (answer.get("in_distribution") is not False), (shown, answer)
+    if models["catsdogs"].get("ood"):
+        assert shown_flat["ood"].startswith("This does not look like any of: cat, dog."), shown_flat
     assert shown_text["failed"] and shown_text["bars"] == [] and shown_text["label"] == ""
     assert shown_text["error"] == ("This file is not an image the service can read. "
                                    "Send a JPEG, PNG, GIF, WebP, TIFF or BMP file.")

@@ -52,6 +52,7 @@ try {
     failed: node.classList.contains("failed"),
     error: node.querySelector(".error").hidden ? null : node.querySelector(".error").textContent,
     error_code: node.querySelector(".error-code").hidden ? null : node.querySelector(".error-code").textContent,
+    ood: node.querySelector(".ood").hidden ? null : node.querySelector(".ood").textContent,
     bars: Array.from(node.querySelectorAll(".bar")).map((bar) => ({
       label: bar.querySelector(".bar-label").textContent,
       value: bar.querySelector(".bar-value").textContent,

@@ -27,6 +27,7 @@ from service.card import Artifact, ModelCard, read_card, write_card
 from service.registry import sha256_file
 from training.graph import serving_graph
 from training.nets import build_model
+from training.ood_graph import WithOOD, scorer_from_state
 
 
 def strip_to(state: dict[str, torch.Tensor], wanted: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -134,8 +135,13 @@ def add_to_registry(folder: Path) -> Path:
         warnings.simplefilter("ignore", FutureWarning)
         old = torch.jit.load(str(path), map_location="cpu")
     serving = serving_graph(plain, card)
+    if card.ood:  # the graph also returns the OOD score, its statistics in the file's buffers
+        normalize = card.ood.section.get("parameters", {}).get("normalize") == "l2"
+        serving = WithOOD(serving, plain, card.tta_level, scorer_from_state(old.state_dict(), normalize)).eval()
     with torch.no_grad():
-        if not torch.allclose(old(example), serving(example), atol=1e-5):
+        before, after = old(example), serving(example)
+        pairs = zip(before, after) if isinstance(before, tuple) else [(before, after)]
+        if not all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in pairs):
             raise SystemExit(f"{folder}: the rebuilt network does not compute the registry's TorchScript graph")
     traced = trace_explainable(serving, plain, example[:2])
     tmp = path.with_suffix(".tmp")

@@ -19,6 +19,14 @@ and its mirror image (twice the inference cost); ``--tta auto`` does so only if 
 validation accuracy. Those two re-measure the card's accuracies for the graph that ships; the test
 split decides nothing.
 
+Out-of-distribution score (on unless ``--no-ood``; :mod:`training.ood_fit`, docs/OOD.md): statistics
+of the penultimate features fitted on the training split and carried by the graphs, which then
+return ``(probabilities, ood_score)`` (ONNX outputs ``probabilities`` and ``ood_score``); the card's
+``ood`` section records the threshold (95 % TPR on validation) and the figures measured on the
+proxy OOD sets. ``--ood-entry MODEL_DIR`` does the same for an entry already in the registry whose
+run is gone; its probabilities must stay what they were (the new ONNX graph's against the old
+one's within 1e-6 on real test images).
+
 ``--calibrate-entry MODEL_DIR`` calibrates an entry already in the registry whose run is gone (the
 shipped models were exported before calibration existed): its network is rebuilt from the
 TorchScript weights and checked against its ONNX and TorchScript graphs, then re-exported the same way.
@@ -44,13 +52,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.card import Artifact, InputSpec, ModelCard
+from service.card import Artifact, InputSpec, ModelCard, OODSpec
 from service.preprocess import normalize
 from training.cam import rebuild_from_registry
 from training.data import REPO_ROOT, Dataset
 from training.evaluation import evaluate, measured_as
 from training.graph import TestTimeAugment, WithSoftmax, serving_graph, with_tta
 from training.nets import build_model
+from training.ood_fit import fit_ood
+from training.ood_graph import WithOOD
 from training.splits import card_dataset, checkpoint_dataset
 from training.staging import check_parity, install_entry
 
@@ -184,7 +194,8 @@ TRAINING_RECORD_OPTIONAL = ("preset", "precision", "precision_reason", "cpu_flag
 
 
 def build_card(name: str, ckpt: dict[str, Any], metrics: dict[str, Any], artifacts: dict[str, Artifact],
-               parity: dict[str, float], tta: dict | None, calibration: dict | None = None) -> ModelCard:
+               parity: dict[str, float], tta: dict | None, calibration: dict | None = None,
+               ood: dict | None = None) -> ModelCard:
     """The card of a run's export: what it computes, how well, how it was trained and its files."""
     output = calibrated_output(calibration["temperature"]) if calibration else \
         "softmax probabilities over classes, in card order (the graphs include the softmax)"
@@ -202,16 +213,17 @@ def build_card(name: str, ckpt: dict[str, Any], metrics: dict[str, Any], artifac
         split_spec=metrics.get("data"),  # what export and re-measurement rebuild the split from
         test_time_augmentation=tta or None,
         calibration=calibration or None,
+        ood=OODSpec.from_dict(ood) if ood else None,
         extra={"task": "image-classification", "output": output, "parameters": metrics["parameters"],
                "parity": parity, "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                "export_command": "python -m training.export " + " ".join(sys.argv[1:])},
         order=EXPORTED_CARD_ORDER + (("test_time_augmentation",) if tta else ()) +
-        (("calibration",) if calibration else ()))
+        (("calibration",) if calibration else ()) + (("ood",) if ood else ()))
 
 
 def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_count: int,
            tta_mode: str = "train", calibrate: bool = False, device: str = "cpu",
-           trained_precision: str | None = None) -> Path:
+           trained_precision: str | None = None, ood: bool = False) -> Path:
     """``calibrate``: fold a temperature fitted on the validation split into the graphs (the
     command line does so unless ``--no-calibrate``; this function's default keeps plain softmax).
     ``trained_precision``: what the run trained in, for a ``metrics.json`` that does not say."""
@@ -228,12 +240,17 @@ def export(run_dir: Path, name: str, models_dir: Path, tolerance: float, parity_
     logits = ShippedLogits.of(net, data, spec, compute_device(device))
     remeasure_in_fp32(metrics, logits)
     calibration = fit_calibration(logits) if calibrate else None
-    model = WithSoftmax(net, calibration["temperature"] if calibration else 1.0).eval()
+    model: nn.Module = WithSoftmax(net, calibration["temperature"] if calibration else 1.0).eval()
+    ood_section = None
+    if ood:  # the statistics of the graph's own features: fitted after the temperature is folded in
+        level = tta["level"] if tta else 0
+        scorer, ood_section = fit_ood(model, plain, level, data, metrics["dataset"], spec.size, spec)
+        model = WithOOD(model, plain, level, scorer).eval()
     # parity on the first images of the real test split
     inputs = normalize(data.test.images[:parity_count].numpy(), spec)
     target, card = install_entry(models_dir, name, model, plain, inputs, tolerance,
                                  lambda artifacts, parity: build_card(name, ckpt, metrics, artifacts, parity, tta,
-                                                                      calibration),
+                                                                      calibration, ood_section),
                                  [run_dir / "curves.png"])
     parity = card.extra["parity"]
     print(f"exported {name} v{card.version} to {target}: test accuracy {card.metrics['test_accuracy']:.4f}, "
@@ -277,6 +294,41 @@ def calibrate_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 2
     return target
 
 
+def ood_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 256, scale: float = 1.0) -> Path:
+    """Give a registry entry whose training run is gone an out-of-distribution score, in place:
+    rebuild its network from the TorchScript weights, check that it computes the entry's graphs on
+    real test images, fit the score on the card's training split (:func:`training.ood_fit.fit_ood`)
+    and re-export both formats returning ``(probabilities, ood_score)``. The probabilities must equal
+    the old ONNX graph's within 1e-6; the card keeps everything else and gains ``ood`` (refitted when
+    it had one), a new version and the command."""
+    plain, card = rebuild_from_registry(folder)
+    spec = card.input
+    data = card_dataset(card)
+    inputs = normalize(data.test.images[:parity_count].numpy(), spec)
+    serving = serving_graph(plain, card)  # the probabilities, exactly as the entry computes them
+    onnx_path = folder / card.artifact("onnx").file
+    check_parity(serving, onnx_path, folder / card.artifact("torchscript").file, inputs, tolerance)
+    dataset = (card.split_spec or card.training)["dataset"]
+    scorer, section = fit_ood(serving, plain, card.tta_level, data, dataset, spec.size, spec, scale)
+    model = WithOOD(serving, plain, card.tta_level, scorer).eval()
+    command = f"python -m training.export --ood-entry {folder}" + (f" --ood-scale {scale:g}" if scale != 1 else "")
+    section = {**section, "fitted_from_version": card.version,
+               "fitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command}
+
+    def with_ood(artifacts: dict[str, Artifact], parity: dict[str, float]) -> ModelCard:
+        return card.updated(version=artifacts["onnx"].sha256[:12], artifacts=artifacts, parity=parity,
+                            ood=OODSpec.from_dict(section))
+
+    figures = sorted(folder.glob("*.png"))
+    target, new = install_entry(folder.parent, folder.name, model, plain, inputs, tolerance, with_ood, figures,
+                                previous_onnx=onnx_path)
+    parity = new.extra["parity"]
+    print(f"ood: {folder.name} v{card.version} -> v{new.version}; probabilities vs the previous graph "
+          f"{parity['max_abs_diff_vs_previous_onnx']:.2e}; ood_score onnx {parity['ood_score_max_rel_diff_onnx']:.2e} "
+          f"torchscript {parity['ood_score_max_rel_diff_torchscript']:.2e} (relative)")
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, nargs="?", help="training output folder (holds best.pt, metrics.json)")
@@ -284,6 +336,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrate-entry", type=Path, metavar="MODEL_DIR",
                         help="instead: fold a fitted temperature into an existing registry entry whose run is "
                              "gone (e.g. models/cifar10), in place")
+    parser.add_argument("--ood-entry", type=Path, metavar="MODEL_DIR",
+                        help="instead: fit the out-of-distribution score for an existing registry entry whose run "
+                             "is gone, in place (the graphs then also return ood_score)")
+    parser.add_argument("--ood", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit the out-of-distribution score at export (docs/OOD.md)")
+    parser.add_argument("--ood-scale", type=float, default=1.0,
+                        help="with --ood-entry: multiply the proxy OOD sets' sizes (1: the shipped figures)")
     parser.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--parity-images", type=int, default=256)
@@ -301,10 +360,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.calibrate_entry:
         calibrate_entry(args.calibrate_entry, args.tolerance, args.parity_images, args.device)
         return
+    if args.ood_entry:
+        ood_entry(args.ood_entry, args.tolerance, args.parity_images, args.ood_scale)
+        return
     if args.run_dir is None or args.name is None:
         parser.error("a run folder and --name are needed (or --calibrate-entry MODEL_DIR)")
     export(args.run_dir, args.name, args.models_dir, args.tolerance, args.parity_images, args.tta, args.calibrate,
-           args.device, args.trained_precision)
+           args.device, args.trained_precision, args.ood)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ sample), never on validation or test. Convolutions and matrix products are quant
 stays in float. ONNX Runtime runs the result with its integer kernels (VNNI / AMX-INT8 where the
 CPU has them).
 
+An entry whose card has an ``ood`` section (its graph also returns ``ood_score``) gets one too,
+fitted again on the INT8 graph's own features (:mod:`training.quantize_ood`): the scorer stays in
+float, its statistics, threshold and figures are the INT8 graph's.
+
 The new entry is ONNX only (TorchScript has no such graph; ``IMGCLF_BACKEND=torchscript`` skips
 it). Its card is the source card with the artifact, a new version and ``quantization``: the
 source version, the calibration sample, the validation and test accuracy measured here on the
@@ -32,11 +36,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from service.card import Artifact, InputSpec, read_card, write_card
+from service.card import Artifact, InputSpec, ModelCard, OODSpec, read_card, write_card
 from service.preprocess import normalize
 from service.registry import sha256_file, verify_artifact
 from training.data import Dataset, seeded_permutation
 from training.splits import card_dataset
+from training.quantize_ood import attach_scorer, features_graph, refit
 from training.staging import swap_in
 
 INT8_FILE = "model.onnx"  # the entry's ONNX graph, whatever its arithmetic: the card says (quantization)
@@ -94,7 +99,9 @@ def quantize_entry(folder: Path, name: str, models_dir: Path, calibration_images
     staging.chmod(0o755)
     try:
         int8_path = staging / INT8_FILE
-        quantize_graph(fp32_path, int8_path, data.train.images[sample].numpy(), spec)
+        ood_section = quantize_with_ood(card, fp32_path, int8_path, data, sample, staging) if card.ood else None
+        if ood_section is None:
+            quantize_graph(fp32_path, int8_path, data.train.images[sample].numpy(), spec)
         measured: dict[str, Any] = {}
         for split in ("val", "test"):
             part = getattr(data, split)
@@ -126,12 +133,29 @@ def quantize_entry(folder: Path, name: str, models_dir: Path, calibration_images
                 "val": measured["val"], "test": measured["test"],
                 "quantized": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "command": "python -m training.quantize " + " ".join(sys.argv[1:])},
-            parity=None)  # the float graphs' parity; the INT8 graph's difference is under quantization
+            parity=None,  # the float graphs' parity; the INT8 graph's difference is under quantization
+            ood=OODSpec.from_dict(ood_section) if ood_section else None)
         write_card(staging, new)
         target = swap_in(staging, models_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def quantize_with_ood(card: ModelCard, fp32_path: Path, int8_path: Path, data: Dataset, sample: np.ndarray,
+                      scratch: Path) -> dict[str, Any]:
+    """Quantise a graph that returns ``ood_score``: the network part quantised, the score refitted on
+    its features and joined back (:mod:`training.quantize_ood`); returns the new ``ood`` section."""
+    cut, quantized = scratch / "features.onnx", scratch / "features-int8.onnx"
+    features = features_graph(fp32_path, cut)
+    quantize_graph(cut, quantized, data.train.images[sample].numpy(), card.input)
+    dataset = (card.split_spec or card.training)["dataset"]
+    scorer, section = refit(card.ood.to_dict(), quantized, data, dataset, card.input)
+    attach_scorer(quantized, features, scorer, section["parameters"]["feature_dim"], int8_path)
+    cut.unlink()
+    quantized.unlink()
+    return {**section, "fitted_from_version": card.version,
+            "fitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,9 @@ Writes next to the run or model (``--out`` elsewhere), each a PNG:
 * ``report-feature-maps.png``: one test image's feature maps after each stage;
 * ``report-reliability.png``: reliability diagrams with the ECE (15 bins), as the model outputs its
   probabilities and after a temperature fitted on the validation split (:mod:`training.calibration`);
+* ``report-ood.png`` (a registry model whose graph returns an OOD score): the histogram of
+  ``ood_score`` on the test split and on the proxy OOD sets, with the card's threshold
+  (:mod:`training.report_ood`);
 * ``report-gradcam.png``: Grad-CAM heat (:mod:`service.explain`, on :class:`training.cam.Explainable`) for the top class over a seeded
   sample of test images, and the share of the heat inside the central box (half of each side) over 50;
 
@@ -48,6 +51,8 @@ from training.export import load_checkpoint, split_logits
 from training.graph import with_tta
 from training.monitor import first_conv
 from training.monitor import plot_curves as training_curves
+from training.report_ood import FIGURE as OOD_FIGURE
+from training.report_ood import onnx_outputs, plot_ood
 from training.splits import card_dataset, checkpoint_dataset
 
 FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
@@ -72,6 +77,7 @@ class Subject:
     test_accuracy: float           # as recorded by training / the card
     val_accuracy: float | None
     served_calibration: dict[str, Any] | None  # the card's calibration record, if the graph has one
+    test_ood_scores: np.ndarray | None = None  # the graph's ood_score on the test images, if it has one
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -94,10 +100,11 @@ def load_model_dir(folder: Path, limit: int = 0) -> Subject:
     val, test = seeded_sample(data.val, limit), seeded_sample(data.test, limit)
     onnx_path = folder / card.artifact("onnx").file
     net = rebuild_from_registry(folder)[0]
+    test_out = onnx_outputs(onnx_path, test.images, spec)
     return Subject(f"{card.name} ({card.architecture}, registry v{card.version})", list(card.classes),
                    spec, net, val, test, onnx_log_probabilities(onnx_path, val, spec),
-                   onnx_log_probabilities(onnx_path, test, spec), [], card.metrics["test_accuracy"],
-                   card.metrics.get("val_accuracy"), card.calibration)
+                   logits_from_probabilities(test_out[0]).float(), [], card.metrics["test_accuracy"],
+                   card.metrics.get("val_accuracy"), card.calibration, test_out[1] if card.ood else None)
 
 
 def load_run_dir(folder: Path, limit: int = 0) -> Subject:
@@ -386,6 +393,11 @@ def write_report(folder: Path, out: Path | None = None, limit: int = 0, image_in
     label = subject.classes[int(test_labels[image_index])]
     plot_feature_maps(subject.net, image, label, subject.spec, subject.title, out / FIGURES[4])
     plot_reliability(panels, subject.title, out / FIGURES[5])
+    ood = None
+    if subject.test_ood_scores is not None:  # a registry model: its card, graph and split are the folder's
+        card = read_card(folder)
+        ood = plot_ood(card, folder / card.artifact("onnx").file, card_dataset(card), subject.test_ood_scores,
+                       out / OOD_FIGURE, save, pyplot)
     explained = plot_gradcam(subject.net, subject.test.images, test_labels, probs, subject.spec, subject.classes,
                              subject.title, out / FIGURES[6])
 
@@ -397,9 +409,10 @@ def write_report(folder: Path, out: Path | None = None, limit: int = 0, image_in
         "calibration": {**calibration, "ece_bins": ECE_BINS,
                         "probabilities_measured": served,
                         "card_calibration": subject.served_calibration},
-        "figures": [str(out / name) for name in FIGURES],
+        "figures": [str(out / name) for name in FIGURES] + ([ood["figure"]] if ood else []),
         "feature_map_image": {"test_index": image_index, "label": label},
         "gradcam": explained,
+        **({"ood": ood} if ood else {}),
     }
     if not (out / "card.json").exists():  # a registry folder holds its card, graphs and figures only
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -72,9 +72,20 @@ def onnx_exportable(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return model
 
 
+OUTPUTS = ("probabilities", "ood_score")  # a graph with an OOD score (training.ood_graph) returns both
+
+
+def output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """``["probabilities"]``, or ``["probabilities", "ood_score"]`` for a graph returning a pair."""
+    with torch.no_grad():
+        out = model(example)
+    return list(OUTPUTS[:len(out)]) if isinstance(out, tuple) else [OUTPUTS[0]]
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["probabilities"],
-                      dynamic_axes={"input": {0: "batch"}, "probabilities": {0: "batch"}},
+    names = output_names(model, example)
+    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=names,
+                      dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
                       opset_version=OPSET, dynamo=False)
 
 
@@ -85,22 +96,56 @@ def quiet(func, *args, **kwargs):
         return func(*args, **kwargs)
 
 
-def check_parity(model: nn.Module, onnx_path: Path, ts_path: Path, inputs: np.ndarray,
-                 tolerance: float) -> dict[str, float]:
+OOD_TOLERANCE = 1e-4  # relative: max |a - b| / max |b| of the OOD scores
+PREVIOUS_TOLERANCE = 1e-6  # the probabilities of a re-exported entry against its previous ONNX graph's
+
+
+def onnx_outputs(path: Path, inputs: np.ndarray) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: inputs})
+
+
+def as_pair(out: torch.Tensor | tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    return [t.numpy() for t in out] if isinstance(out, tuple) else [out.numpy()]
+
+
+def relative_diff(value: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(value - reference).max() / max(float(np.abs(reference).max()), 1e-12))
+
+
+def check_parity(model: nn.Module, onnx_path: Path, ts_path: Path, inputs: np.ndarray, tolerance: float,
+                 previous_onnx: list[np.ndarray] | None = None) -> dict[str, float]:
+    """The exported graphs' outputs against ``model``'s on ``inputs``: the probabilities within
+    ``tolerance`` (max abs difference); an OOD score, when the graph has one, within
+    :data:`OOD_TOLERANCE` (relative); ``previous_onnx``, the outputs of the graph this export
+    replaces: its probabilities must equal the new ONNX graph's within :data:`PREVIOUS_TOLERANCE`."""
     with torch.no_grad():
-        reference = model(torch.from_numpy(inputs)).numpy()
+        reference = as_pair(model(torch.from_numpy(inputs)))
         scripted = quiet(torch.jit.load, str(ts_path)).eval()
-        ts_out = scripted(torch.from_numpy(inputs)).numpy()
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {"input": inputs})[0]
+        ts_out = as_pair(scripted(torch.from_numpy(inputs)))
+    onnx_out = onnx_outputs(onnx_path, inputs)
     result = {"images": int(len(inputs)),
-              "max_abs_diff_onnx": float(np.abs(onnx_out - reference).max()),
-              "max_abs_diff_torchscript": float(np.abs(ts_out - reference).max()),
+              "max_abs_diff_onnx": float(np.abs(onnx_out[0] - reference[0]).max()),
+              "max_abs_diff_torchscript": float(np.abs(ts_out[0] - reference[0]).max()),
               "tolerance": tolerance,
-              "top1_agreement_onnx": float((onnx_out.argmax(1) == reference.argmax(1)).mean())}
+              "top1_agreement_onnx": float((onnx_out[0].argmax(1) == reference[0].argmax(1)).mean())}
     worst = max(result["max_abs_diff_onnx"], result["max_abs_diff_torchscript"])
     if not worst <= tolerance:  # also catches NaN
         raise SystemExit(f"parity check failed: max abs diff {worst:.3g} > {tolerance:g} ({result})")
+    if len(reference) > 1:
+        result.update(ood_score_max_rel_diff_onnx=relative_diff(onnx_out[1], reference[1]),
+                      ood_score_max_rel_diff_torchscript=relative_diff(ts_out[1], reference[1]),
+                      ood_score_max_rel_diff_onnx_vs_torchscript=relative_diff(onnx_out[1], ts_out[1]),
+                      ood_score_tolerance=OOD_TOLERANCE)
+        worst = max(result["ood_score_max_rel_diff_onnx"], result["ood_score_max_rel_diff_torchscript"],
+                    result["ood_score_max_rel_diff_onnx_vs_torchscript"])
+        if not worst <= OOD_TOLERANCE:
+            raise SystemExit(f"parity check of the OOD score failed: max relative diff {worst:.3g} ({result})")
+    if previous_onnx is not None:
+        result["max_abs_diff_vs_previous_onnx"] = float(np.abs(onnx_out[0] - previous_onnx[0]).max())
+        if not result["max_abs_diff_vs_previous_onnx"] <= PREVIOUS_TOLERANCE:
+            raise SystemExit(f"the new graph's probabilities differ from the previous graph's by "
+                             f"{result['max_abs_diff_vs_previous_onnx']:.3g} > {PREVIOUS_TOLERANCE:g}")
     return result
 
 
@@ -111,11 +156,13 @@ def artifact_records(artifacts: dict[str, Path]) -> dict[str, Artifact]:
 
 def install_entry(models_dir: Path, name: str, model: nn.Module, plain: nn.Module, inputs: np.ndarray,
                   tolerance: float, make_card: Callable[[dict[str, Artifact], dict[str, float]], ModelCard],
-                  extra_files: Sequence[Path] = ()) -> tuple[Path, ModelCard]:
+                  extra_files: Sequence[Path] = (), previous_onnx: Path | None = None) -> tuple[Path, ModelCard]:
     """Write ``model`` (the serving graph) as ONNX and TorchScript (with Grad-CAM's ``cam`` method on
     ``plain``) into a staging folder, check parity on ``inputs``, write the card ``make_card``
-    returns (given the artifacts' records and the parity) and the ``extra_files`` that exist, and swap the folder in as ``models_dir/name``."""
+    returns (given the artifacts' records and the parity) and the ``extra_files`` that exist, and swap the folder in as ``models_dir/name``.
+    ``previous_onnx``: the graph this one replaces, whose probabilities the new graph must reproduce."""
     example = torch.from_numpy(inputs[:2])
+    previous = onnx_outputs(previous_onnx, inputs) if previous_onnx is not None else None
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir))
     staging.chmod(0o755)  # mkdtemp makes it owner-only; the registry is read by the service user
@@ -127,7 +174,7 @@ def install_entry(models_dir: Path, name: str, model: nn.Module, plain: nn.Modul
         # (POST /explain; training/cam.py), sharing the weights
         trace_explainable(model, plain, example).save(str(artifacts["torchscript"]))
         # against the original model, so a replaced pool must match it too
-        parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance)
+        parity = check_parity(model, artifacts["onnx"], artifacts["torchscript"], inputs, tolerance, previous)
         card = make_card(artifact_records(artifacts), parity)
         write_card(staging, card)
         for extra in extra_files:

@@ -163,7 +163,7 @@ def score_files(args: argparse.Namespace, scorer: Scorer, files: Files, card: Mo
                mininterval=1.0)
     try:
         for batch in batches:
-            outcome.rows.extend(batch_rows(batch, card.classes, card.version, labels))
+            outcome.rows.extend(batch_rows(batch, card, labels))
             outcome.errors.extend(error_rows(batch))
             bar.update(len(batch.names))
     except KeyboardInterrupt:
@@ -185,7 +185,7 @@ def write_outputs(args: argparse.Namespace, card: ModelCard, outcome: Outcome) -
     if args.kaggle:
         write_atomic(args.out, kaggle_rows(rows), ["id", "label"])
     else:
-        write_atomic(args.out, rows, output_columns(card.classes))
+        write_atomic(args.out, rows, output_columns(card))
     write_errors(args.out, outcome.errors, args.resume)
     metrics = evaluate(rows, card.classes)
     if metrics:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from service.backends import cuda_present
+from service.ood import pack
 from service.pipeline import DecodedBatch, decode_batch
 from service.preprocess import ImageError
 
@@ -49,7 +50,10 @@ class PinnedCudaRunner:
         with torch.inference_mode():
             x = ((x.float() / self.scale - self.mean) / self.std).half()
             x = x.contiguous(memory_format=torch.channels_last)
-            return self.module(x).float().cpu().numpy()
+            out = self.module(x)
+            if isinstance(out, tuple):  # (probabilities, ood_score): one array, as the backends return
+                return pack(out[0].float().cpu().numpy(), out[1].float().cpu().numpy())
+            return out.float().cpu().numpy()
 
 
 class GpuJpegDecoder:

@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from service.card import ModelCard, read_card
+from service.ood import width
 from service.pipeline import DecodedBatch, Predictions, decode_batch, predict
 from service.preprocess import DEFAULT_MAX_PIXELS, ImageError
 from service.registry import load_model, verify_artifact
@@ -39,7 +40,7 @@ class _RayPredict:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         good = [i for i, error in enumerate(batch["error"]) if not error]
         scored = predict(self.model.predict, DecodedBatch(batch["pixels"][good], good))
-        probabilities = np.zeros((len(batch["error"]), len(self.model.card.classes)), dtype=np.float32)
+        probabilities = np.zeros((len(batch["error"]), width(self.model.card)), dtype=np.float32)
         probabilities[scored.good] = scored.probabilities
         return {"path": batch["path"], "probabilities": probabilities, "error": batch["error"],
                 "detail": batch["detail"]}

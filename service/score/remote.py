@@ -15,11 +15,13 @@ from service.score.errors import ScoreError
 from service.score.rows import ScoredBatch
 
 
-def answer_predictions(results: Sequence[dict[str, Any]], classes: Sequence[str]) -> Predictions:
-    """``/classify_batch``'s per-file results (probabilities by class name, or error and detail)."""
+def answer_predictions(results: Sequence[dict[str, Any]], card: ModelCard) -> Predictions:
+    """``/classify_batch``'s per-file results (probabilities by class name, and the OOD score for a
+    model with one; or error and detail), as the model's own output rows (:mod:`service.ood`)."""
+    classes, ood = card.classes, card.ood is not None
     return Predictions.from_rows([
         ImageError(r["error"], str(r["detail"])) if "error" in r
-        else np.array([r["probabilities"][c] for c in classes], np.float32)
+        else np.array([r["probabilities"][c] for c in classes] + ([r["ood_score"]] if ood else []), np.float32)
         for r in results])
 
 
@@ -62,7 +64,7 @@ class RemoteScorer:
         if response.status_code != 200:
             raise ScoreError(f"{self.url}/classify_batch answered HTTP {response.status_code}: "
                              f"{' '.join(response.text.split())[:200]}")
-        return ScoredBatch(names, answer_predictions(response.json()["results"], self.card.classes))
+        return ScoredBatch(names, answer_predictions(response.json()["results"], self.card))
 
     def score(self, paths: Sequence[Path], names: Sequence[str]) -> Iterator[ScoredBatch]:
         """The batches in the order the server answers them (``names``: one per path)."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
+from service.card import ModelCard
+from service.ood import OOD_FIELDS, in_distribution, split
 from service.pipeline import Predictions
 from service.score.sources import LabelFinder
 
@@ -18,20 +20,28 @@ class ScoredBatch:
     predictions: Predictions
 
 
-def output_columns(classes: Sequence[str]) -> list[str]:
-    return ["path", "label", "probability", *[f"p_{c}" for c in classes], "true_label", "model_version"]
+def output_columns(card: ModelCard) -> list[str]:
+    """The output's columns; ``ood_score`` and ``in_distribution`` for a model with an OOD score."""
+    return ["path", "label", "probability", *[f"p_{c}" for c in card.classes],
+            *(OOD_FIELDS if card.ood else ()), "true_label", "model_version"]
 
 
-def batch_rows(batch: ScoredBatch, classes: Sequence[str], version: str, labels: LabelFinder) -> list[dict[str, Any]]:
+def batch_rows(batch: ScoredBatch, card: ModelCard, labels: LabelFinder) -> list[dict[str, Any]]:
     """Output rows of a batch's scored files (one numpy call per batch, not per row)."""
     scored = batch.predictions
+    classes, version = card.classes, card.version
     columns = [f"p_{c}" for c in classes]
-    best = scored.probabilities.argmax(1).tolist() if scored.good else []
-    values = scored.probabilities.tolist()
+    probabilities, scores = split(card, scored.probabilities) if scored.good else (scored.probabilities, None)
+    best = probabilities.argmax(1).tolist() if scored.good else []
+    values = probabilities.tolist()
+    ood: list[dict[str, Any]] = [{}] * len(values)
+    if scores is not None:
+        ood = [{"ood_score": s, "in_distribution": d}
+               for s, d in zip(scores.tolist(), in_distribution(card, scores).tolist())]
     rows = []
-    for i, b, p in zip(scored.good, best, values):
+    for i, b, p, o in zip(scored.good, best, values, ood):
         path = batch.names[i]
-        rows.append({"path": path, "label": classes[b], "probability": p[b], **dict(zip(columns, p)),
+        rows.append({"path": path, "label": classes[b], "probability": p[b], **dict(zip(columns, p)), **o,
                      "true_label": labels(path) or "", "model_version": version})
     return rows
 

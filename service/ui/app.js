@@ -188,8 +188,22 @@ async function classify(file, model, topK) {
   node.querySelector(".meta").textContent = `${result.model} · version ${result.version}`
     + (typeof accuracy === "number" ? ` · test accuracy ${(100 * accuracy).toFixed(1)}%` : "");
   drawBars(node.querySelector(".bars"), result.top_k);
+  showOod(node, result, state.cards[result.model]);
   await explain(node, file, model);
   node.classList.add("done");
+}
+
+/** Mark an answer the model judged out of distribution (`in_distribution: false`; answers of a
+ * model without an OOD score carry neither field). */
+function showOod(node, result, card) {
+  const note = node.querySelector(".ood");
+  if (result.in_distribution !== false) return;
+  const classes = card && Array.isArray(card.classes) ? card.classes : Object.keys(result.probabilities);
+  note.textContent = `This does not look like any of: ${classes.join(", ")}. `
+    + `The answer below is the closest class, not a recognition (out-of-distribution score ${result.ood_score.toFixed(1)}`
+    + (card && card.ood ? `, threshold ${card.ood.threshold.toFixed(1)})` : ")");
+  note.hidden = false;
+  node.classList.add("out-of-distribution");
 }
 
 /** Ask /explain for the Grad-CAM overlay; a 404/405 means this service has no such endpoint. */
