@@ -1,16 +1,33 @@
-"""How a classifier is measured: mean cross-entropy and top-1 accuracy over a split, and the words
-that say how the test figure was measured (metrics.json and the model card)."""
+"""How a classifier is measured: mean cross-entropy and top-1 accuracy over a split, an exported
+ONNX graph's outputs over a split, and the words that say how the test figure was measured
+(metrics.json and the model card)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.card import InputSpec
+from service.preprocess import normalize
 from training.data import ImageSet, batches
 from training.precision import FP32, Precision
+
+def onnx_image_outputs(path: Path, images: np.ndarray, spec: InputSpec, batch_size: int = 500) -> list[np.ndarray]:
+    """Every output of the ONNX graph at ``path`` (in the graph's order) for uint8 images
+    (N, 3, H, W), normalised as ``spec`` says and run in batches on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    parts = [session.run(None, {name: normalize(images[i:i + batch_size], spec)})
+             for i in range(0, len(images), batch_size)]
+    return [np.concatenate([part[j] for part in parts]) for j in range(len(parts[0]))]
+
 
 TTA_WORDS = {0: "", 1: ", with flip test-time augmentation", 2: ", with flip + translate test-time augmentation"}
 

@@ -40,6 +40,7 @@ from service.card import Artifact, InputSpec, ModelCard, OODSpec, read_card, wri
 from service.preprocess import normalize
 from service.registry import sha256_file, verify_artifact
 from training.data import Dataset, seeded_permutation
+from training.evaluation import onnx_image_outputs
 from training.splits import card_dataset
 from training.quantize_ood import attach_scorer, features_graph, refit
 from training.staging import swap_in
@@ -59,16 +60,6 @@ class CalibrationImages:
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
         return None if batch is None else {self.input_name: batch}
-
-
-def onnx_probabilities(path: Path, images: np.ndarray, spec: InputSpec, batch_size: int = 500) -> np.ndarray:
-    """The graph's outputs for uint8 images (N, 3, H, W), on ONNX Runtime's CPU provider."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: normalize(images[i:i + batch_size], spec)})[0]
-                           for i in range(0, len(images), batch_size)])
 
 
 def quantize_graph(source: Path, target: Path, calibration: np.ndarray, spec: InputSpec) -> None:
@@ -106,8 +97,8 @@ def quantize_entry(folder: Path, name: str, models_dir: Path, calibration_images
         for split in ("val", "test"):
             part = getattr(data, split)
             labels = part.labels.numpy()
-            int8 = onnx_probabilities(int8_path, part.images.numpy(), spec)
-            fp32 = onnx_probabilities(fp32_path, part.images.numpy(), spec)
+            int8 = onnx_image_outputs(int8_path, part.images.numpy(), spec)[0]
+            fp32 = onnx_image_outputs(fp32_path, part.images.numpy(), spec)[0]
             measured[split] = {"int8": float((int8.argmax(1) == labels).mean()),
                                "fp32": float((fp32.argmax(1) == labels).mean()),
                                "agreement": float((int8.argmax(1) == fp32.argmax(1)).mean()),

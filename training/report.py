@@ -47,12 +47,13 @@ from training.cam import Explainable, feature_stages, rebuild_from_registry
 from training.calibration import (ECE_BINS, calibration_summary, logits_from_probabilities,
                                   reliability, softmax)
 from training.data import ImageSet, seeded_permutation, seeded_sample
+from training.evaluation import onnx_image_outputs
 from training.export import load_checkpoint, split_logits
 from training.graph import with_tta
 from training.monitor import first_conv
 from training.monitor import plot_curves as training_curves
 from training.report_ood import FIGURE as OOD_FIGURE
-from training.report_ood import onnx_outputs, plot_ood
+from training.report_ood import plot_ood
 from training.splits import card_dataset, checkpoint_dataset
 
 FIGURES = ("report-curves.png", "report-confusion.png", "report-confident.png", "report-filters.png",
@@ -84,13 +85,8 @@ class Subject:
 
 
 def onnx_log_probabilities(path: Path, data: ImageSet, spec: InputSpec, batch_size: int = 500) -> torch.Tensor:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    out = [session.run(None, {name: normalize(data.images[i:i + batch_size].numpy(), spec)})[0]
-           for i in range(0, len(data), batch_size)]
-    return logits_from_probabilities(np.concatenate(out)).float()
+    probabilities = onnx_image_outputs(path, data.images.numpy(), spec, batch_size)[0]
+    return logits_from_probabilities(probabilities).float()
 
 
 def load_model_dir(folder: Path, limit: int = 0) -> Subject:
@@ -100,7 +96,7 @@ def load_model_dir(folder: Path, limit: int = 0) -> Subject:
     val, test = seeded_sample(data.val, limit), seeded_sample(data.test, limit)
     onnx_path = folder / card.artifact("onnx").file
     net = rebuild_from_registry(folder)[0]
-    test_out = onnx_outputs(onnx_path, test.images, spec)
+    test_out = onnx_image_outputs(onnx_path, test.images.numpy(), spec, 250)
     return Subject(f"{card.name} ({card.architecture}, registry v{card.version})", list(card.classes),
                    spec, net, val, test, onnx_log_probabilities(onnx_path, val, spec),
                    logits_from_probabilities(test_out[0]).float(), [], card.metrics["test_accuracy"],

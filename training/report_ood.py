@@ -11,25 +11,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from service.card import InputSpec, ModelCard
-from service.preprocess import normalize
+from service.card import ModelCard
 from training.data import Dataset
+from training.evaluation import onnx_image_outputs
 from training.ood_sets import ProxySizes, proxy_sets
 
 FIGURE = "report-ood.png"
-
-
-def onnx_outputs(path: Path, images: torch.Tensor, spec: InputSpec, batch_size: int = 250) -> list[np.ndarray]:
-    """Every output of the ONNX graph at ``path`` for uint8 images, in the graph's order."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    parts = [session.run(None, {name: normalize(images[i:i + batch_size].numpy(), spec)})
-             for i in range(0, len(images), batch_size)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 def plot_ood(card: ModelCard, onnx_path: Path, data: Dataset, test_scores: np.ndarray, path: Path,
@@ -38,7 +26,8 @@ def plot_ood(card: ModelCard, onnx_path: Path, data: Dataset, test_scores: np.nd
     assert card.ood is not None
     dataset = (card.split_spec or card.training)["dataset"]
     sets = proxy_sets(dataset, card.input.size, data, ProxySizes.for_dataset(dataset, scale))
-    scores = {name: onnx_outputs(onnx_path, s.images, card.input)[1] for name, s in sets.items() if not s.parts}
+    scores = {name: onnx_image_outputs(onnx_path, s.images.numpy(), card.input, 250)[1]
+              for name, s in sets.items() if not s.parts}
     threshold = card.ood.threshold
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 6))
