@@ -41,6 +41,7 @@ from service.explain import Explainer, NotExplainable
 from service.form import Form, class_index, form_model, form_options, one_file, pick_files, read_form
 from service.logs import request_id
 from service.ood import answer_fields
+from service.pipeline import inline_pixels
 from service.preprocess import ImageError
 from service.ui import ui_routes
 
@@ -196,7 +197,10 @@ class Endpoint:
     @staticmethod
     async def infer(api: Api, card: ModelCard, blobs: list[bytes], receive: Receive) -> list[Any]:
         try:
-            futures = api.batcher.submit(card.name, blobs, card.input.size)
+            # small plain JPEGs are decoded here, on the loop, so the batch thread need not wait for
+            # the GIL to decode them (service.pipeline.INLINE_MAX_PIXELS)
+            pixels = [inline_pixels(blob, card.input.size, api.settings.max_pixels) for blob in blobs]
+            futures = api.batcher.submit(card.name, blobs, card.input.size, pixels)
             return await until_answered(futures, receive, api.batcher.expected_wait_s(0))
         except Overloaded as exc:
             raise overloaded(exc) from None

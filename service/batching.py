@@ -37,12 +37,14 @@ class Overloaded(Exception):
 
 @dataclass
 class Job:
-    """One uploaded image for one model."""
+    """One uploaded image for one model; ``pixels``: the image already decoded at ``size`` when the
+    caller decoded it on arrival (:func:`service.pipeline.inline_pixels`), else None."""
 
     model: str
     data: bytes
     size: tuple[int, int]
     future: asyncio.Future[Any]
+    pixels: Any = None
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -195,15 +197,17 @@ class Batcher:
     def release_reading(self, nbytes: int) -> None:
         self.reading_bytes -= nbytes
 
-    def submit(self, model: str, blobs: Sequence[bytes], size: tuple[int, int]) -> list[asyncio.Future[Any]]:
-        """Queue one job per blob; raises :class:`Overloaded` when the queue cannot take them."""
+    def submit(self, model: str, blobs: Sequence[bytes], size: tuple[int, int],
+               pixels: Sequence[Any] | None = None) -> list[asyncio.Future[Any]]:
+        """Queue one job per blob (``pixels``: per blob, its image already decoded, or None); raises
+        :class:`Overloaded` when the queue cannot take them."""
         if (refused := self.refusal(len(blobs), sum(len(blob) for blob in blobs))) is not None:
             raise refused
         loop = asyncio.get_running_loop()
         futures = []
-        for blob in blobs:
+        for blob, decoded in zip(blobs, pixels or [None] * len(blobs)):
             future = loop.create_future()
-            self.queue.append(Job(model, blob, size, future))
+            self.queue.append(Job(model, blob, size, future, decoded))
             self.waiting_bytes += len(blob)
             futures.append(future)
         self._start(loop)

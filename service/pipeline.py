@@ -33,7 +33,15 @@ from service.preprocess import (DECODE_BYTES_PER_PIXEL, DECODE_FIXED_BYTES, DEFA
                                 DecodeBudget, ImageError, check_dimensions, decode_to_array, image_to_uint8,
                                 resized_size)
 
-Item = Union[bytes, str, "os.PathLike[str]"]
+Item = Union[bytes, str, "os.PathLike[str]", np.ndarray]  # an ndarray: pixels already decoded at the size
+
+# A plain JPEG of at most this many pixels (64 x 64; a CIFAR upload is 32 x 32) is cheap enough to
+# decode where it arrives, on the API worker's event loop (8-20 us), by :func:`inline_pixels`. Decoded
+# in the batch thread instead, its few microseconds of Python each need the GIL, which the event loop
+# holds most of the time under load: the batch thread waited 1-4 ms a batch of 16 for it while the
+# second core idled (docs/SERVING.md). Larger images still decode in the batch thread, so the loop
+# never spends more than that on one upload.
+INLINE_MAX_PIXELS = 64 * 64
 
 
 @dataclass
@@ -109,7 +117,7 @@ def decode_batch(items: Sequence[Item], size: Sequence[int], max_pixels: int = D
     """Decode ``items`` into one array at ``size`` (h, w); a bad item is listed, not raised.
 
     Paths are read one at a time, as they are decoded (a process holds one file's bytes, not a
-    batch's). ``budget``: shared with the caller's other decoding threads (see module doc).
+    batch's). An ndarray item is an image already decoded at ``size`` (:func:`inline_pixels`). ``budget``: shared with the caller's other decoding threads (see module doc).
     ``gpu_jpegs``: leave plain JPEGs already at ``size`` undecoded (:attr:`DecodedBatch.jpegs`).
     ``out``: where to write the pixels (room for ``len(items)`` images; default a new array)."""
     if out is None:
@@ -118,6 +126,10 @@ def decode_batch(items: Sequence[Item], size: Sequence[int], max_pixels: int = D
     errors: list[tuple[int, ImageError]] = []
     jpegs: list[tuple[int, bytes]] = []
     for i, item in enumerate(items):
+        if isinstance(item, np.ndarray):
+            out[len(good)] = item
+            good.append(i)
+            continue
         try:
             data = read_item(item)
             if gpu_jpegs and plain_jpeg_header(data) == (size[1], size[0]):
@@ -143,6 +155,16 @@ def decode_one(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_P
         if pixels is not None:
             return pixels
     return decode_to_array(data, size, max_pixels, budget)
+
+
+def inline_pixels(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """(3, H, W) uint8 for a plain JPEG of at most :data:`INLINE_MAX_PIXELS` pixels, decoded now by
+    the fast path; None for every other upload (and for one the fast path leaves to the general
+    decoder), which :func:`decode_batch` decodes later with its batch, errors included."""
+    found = plain_jpeg_header(data)
+    if found is None or found[0] * found[1] > INLINE_MAX_PIXELS:
+        return None
+    return plain_jpeg_pixels(data, size, max_pixels, found)
 
 
 def decode_or_error(data: bytes, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -40,8 +40,10 @@ def by_model(jobs: Sequence[Job]) -> dict[str, list[int]]:
 
 def decode_groups(jobs: Sequence[Job], max_pixels: int,
                   budget: DecodeBudget | None) -> dict[str, tuple[list[int], DecodedBatch]]:
-    """Each model's jobs decoded into one batch at that model's input size."""
-    return {model: (index, decode_batch([jobs[i].data for i in index], jobs[index[0]].size, max_pixels, budget))
+    """Each model's jobs decoded into one batch at that model's input size (a job decoded on arrival
+    brings its pixels)."""
+    return {model: (index, decode_batch([jobs[i].data if jobs[i].pixels is None else jobs[i].pixels for i in index],
+                                        jobs[index[0]].size, max_pixels, budget))
             for model, index in by_model(jobs).items()}
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from service import score
 from service.decode_pool import DecodePool, resolve_workers
-from service.pipeline import decode_batch, plain_jpeg_pixels
+from service.pipeline import INLINE_MAX_PIXELS, decode_batch, inline_pixels, plain_jpeg_pixels
 from service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_to_array
 from conftest import REPO, SHIPPED_MODELS
 
@@ -99,6 +99,30 @@ def test_fast_path_on_photos_resized_and_large(catsdogs_folder: Path) -> None:
     Image.open(photos[0]).resize((500, 380)).save(medium, "JPEG")
     assert plain_jpeg_pixels(big.getvalue(), (96, 96)) is None  # the general path decodes it at 1/2 scale
     assert np.array_equal(plain_jpeg_pixels(medium.getvalue(), (96, 96)), general(medium.getvalue(), (96, 96)))
+
+
+def test_inline_decode_takes_small_plain_jpegs_only_and_batches_keep_their_order(cifar_folder: Path) -> None:
+    """What the API worker decodes on arrival (service.pipeline.inline_pixels): small plain JPEGs,
+    with the general decoder's pixels; everything else is left (None) for the batch's decode. A
+    batch mixing decoded images, uploads and a bad upload keeps item order and errors."""
+    blobs = [p.read_bytes() for p in sorted((cifar_folder / "test" / "ship").glob("*.jpg"))[:50]]
+    for blob in blobs:
+        assert np.array_equal(inline_pixels(blob, (32, 32)), general(blob, (32, 32)))
+    image = Image.open(io.BytesIO(blobs[0]))
+    at_cap, over_cap, png, exif = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
+    image.resize((64, INLINE_MAX_PIXELS // 64)).save(at_cap, "JPEG")
+    image.resize((64, INLINE_MAX_PIXELS // 64 + 1)).save(over_cap, "JPEG")
+    image.save(png, "PNG")
+    exif_data = Image.Exif()
+    exif_data[0x0112] = 6
+    image.save(exif, "JPEG", exif=exif_data)
+    assert np.array_equal(inline_pixels(at_cap.getvalue(), (32, 32)), general(at_cap.getvalue(), (32, 32)))
+    for left in (over_cap.getvalue(), png.getvalue(), exif.getvalue(), blobs[1][:-40], b"junk"):
+        assert inline_pixels(left, (32, 32)) is None
+    items = [inline_pixels(blobs[0], (32, 32)), blobs[1], b"junk", inline_pixels(blobs[3], (32, 32)), blobs[4]]
+    mixed, reference = decode_batch(items, (32, 32)), decode_batch([blobs[i] for i in (0, 1, 3, 4)], (32, 32))
+    assert mixed.good == [0, 1, 3, 4] and [(i, e.error) for i, e in mixed.errors] == [(2, "not_an_image")]
+    assert np.array_equal(mixed.pixels, reference.pixels)
 
 
 def test_decode_batch_lists_unreadable_files(cifar_folder: Path, tmp_path: Path) -> None:

@@ -124,6 +124,25 @@ def test_both_engine_layouts_give_the_same_answer(server: Server, engine_service
         assert here["probabilities"] == pytest.approx(there["probabilities"], abs=1e-6)
 
 
+def test_served_answers_equal_the_offline_pipeline_whether_decoded_on_arrival_or_in_the_batch(
+        server: Server, cifar_samples) -> None:
+    """A 32x32 JPEG is decoded by the API worker on arrival (service.pipeline.inline_pixels), a
+    larger one in the batch thread; both answers equal the offline pipeline's on the same bytes."""
+    from service.ood import split
+    from service.pipeline import INLINE_MAX_PIXELS, decode_batch
+    from service.registry import load_model
+
+    model = load_model(SHIPPED_MODELS / "cifar10", "onnx", "cpu", threads=1)
+    uploads = [data for _, data in cifar_samples[::7]]
+    large = io.BytesIO()
+    Image.open(io.BytesIO(uploads[0])).resize((96, 96)).save(large, "JPEG")
+    assert 96 * 96 > INLINE_MAX_PIXELS
+    for data in uploads + [large.getvalue()]:
+        served = post(server, {"image": ("x.jpg", data)}).json()["probabilities"]
+        offline, _ = split(model.card, model.predict(decode_batch([data], (32, 32)).pixels))
+        assert [served[c] for c in model.card.classes] == pytest.approx(offline[0].tolist(), abs=1e-6)
+
+
 def test_models_endpoint_lists_cards(server: Server) -> None:
     for path in ("/models", "/models/"):
         response = httpx.get(server.url + path)
