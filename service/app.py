@@ -8,8 +8,12 @@
 * ``POST /explain``: the same upload, parsing, decoding and 4xx answers as ``/classify``, answered
   with a Grad-CAM PNG (:class:`~service.explain.Explainer`, one at a time per worker, in a thread).
 * ``GET /models``, ``/models/{name}``: the served cards; ``/openapi.json`` and ``/docs``.
+* ``GET /metrics``: every process's Prometheus metrics (the service's ``imgclf_*`` and whatever
+  BentoML records), from the multiprocess directory BentoML gives its processes. BentoML's own
+  request metrics and its ``/metrics`` route are off unless ``IMGCLF_BENTOML_METRICS=1`` (then its
+  route answers first, with the same directory).
 
-BentoML serves the rest (``/livez``, ``/readyz``, ``/metrics``) and runs the workers. The app holds
+BentoML serves the rest (``/livez``, ``/readyz``) and runs the workers. The app holds
 no state: each request asks ``current_api`` (given by the service: the worker's service instance's
 :class:`Api`, made in its ``__init__``) for what it needs, and answers 503 ``starting`` before
 there is one.
@@ -20,12 +24,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import prometheus_client
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -287,7 +294,7 @@ class ServiceFirst:
       subclass of Starlette's ``Mount``, whose pattern (``.*``) does not match a line feed, so
       ``GET /models/a%0Ab`` got the framework's plain-text 404 rather than this service's JSON
       ``unknown_model`` (found by schemathesis).
-    * everything else: BentoML's app (``/livez``, ``/readyz``, ``/metrics``, the mounted API app).
+    * everything else: BentoML's app (``/livez``, ``/readyz``, the mounted API app).
     """
 
     def __init__(self, app: ASGIApp, api_app: Starlette) -> None:
@@ -305,6 +312,16 @@ class ServiceFirst:
                 await self.api_app(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def metrics_text() -> bytes:
+    """Prometheus's text format of the metrics of every process of this server: the multiprocess
+    directory (``PROMETHEUS_MULTIPROC_DIR``, set by ``bentoml serve``), else this process's."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return prometheus_client.generate_latest()
+    registry = prometheus_client.CollectorRegistry()
+    MultiProcessCollector(registry)
+    return prometheus_client.generate_latest(registry)
 
 
 def build_app(current_api: CurrentApi) -> Starlette:
@@ -345,6 +362,9 @@ def build_app(current_api: CurrentApi) -> Starlette:
     async def docs(request: Request) -> Response:
         return HTMLResponse(SWAGGER_PAGE)
 
+    async def metrics(request: Request) -> Response:
+        return Response(metrics_text(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
     async def no_route(request: Request, exc: HTTPException) -> Response:
         # Starlette's own 404/405 are plain text; every answer of this app is JSON. (BentoML mounts
         # this app passively: a path that none of its routes takes is BentoML's, a plain-text 404.)
@@ -363,5 +383,6 @@ def build_app(current_api: CurrentApi) -> Starlette:
         Route("/models/{name}", one_model, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         *ui_routes(),  # the /ui page (service/ui.py)
     ])

@@ -3,7 +3,7 @@
 :meth:`Settings.from_env` is called once per process when it starts (``python -m service.serve``,
 each BentoML worker's ``__init__``, ``python -m service.score``), never at import. The launcher
 decides what BentoML itself needs before any worker exists (the engine layout, the worker count,
-the request timeout, the access log and tracing switches: :meth:`Settings.bentoml_arguments`) and
+the request timeout, the access log, tracing and BentoML-metrics switches: :meth:`Settings.bentoml_arguments`) and
 hands it to ``bentoml serve`` as ``--arg`` values (``bentoml.use_arguments``, :mod:`service.service`).
 """
 
@@ -84,6 +84,7 @@ class Settings:
     body_timeout_s: float  # a request body not received within this gets 408
     access_log: bool  # one log line per request; off by default (no per-request log spam)
     tracing: bool  # OpenTelemetry spans for the classify routes too (IMGCLF_TRACING=1)
+    bentoml_metrics: bool  # BentoML's own per-request HTTP metrics too (IMGCLF_BENTOML_METRICS=1)
     log_format: str  # json | text (our own log lines; BentoML keeps its format)
     log_level: str
 
@@ -113,6 +114,7 @@ class Settings:
             body_timeout_s=float(_int("IMGCLF_BODY_TIMEOUT_S", timeout)),
             access_log=_int("IMGCLF_ACCESS_LOG", 0) == 1,
             tracing=_int("IMGCLF_TRACING", 0) == 1,
+            bentoml_metrics=_int("IMGCLF_BENTOML_METRICS", 0) == 1,
             log_format=_choice("IMGCLF_LOG_FORMAT", "json", ("json", "text")),
             log_level=_choice("IMGCLF_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
         )
@@ -160,4 +162,4 @@ class Settings:
         """What ``bentoml serve`` needs before any worker exists, as its ``--arg`` values
         (:class:`service.service.ServeArgs` reads them with ``bentoml.use_arguments``)."""
         return {"layout": layout, "workers": self.workers(layout), "timeout_s": self.timeout_s,
-                "access_log": self.access_log, "tracing": self.tracing}
+                "access_log": self.access_log, "tracing": self.tracing, "bentoml_metrics": self.bentoml_metrics}

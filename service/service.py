@@ -11,8 +11,8 @@
   (:class:`~service.runners.RemoteRunner`).
 
 What BentoML needs before any service object exists (the layout, which decides whether the engine
-service is part of the graph; the worker count; the request timeout; the access log and tracing
-switches) comes from ``bentoml serve --arg KEY=VALUE`` through BentoML's public
+service is part of the graph; the worker count; the request timeout; the access log, tracing and
+BentoML-metrics switches) comes from ``bentoml serve --arg KEY=VALUE`` through BentoML's public
 ``bentoml.use_arguments`` (:class:`ServeArgs`): the launcher computes them once from the settings
 (:meth:`service.config.Settings.bentoml_arguments`). Importing this module reads no setting and
 imports no framework beyond BentoML; a plain ``bentoml serve service.service:ImageClassifier``
@@ -127,6 +127,7 @@ class ServeArgs(BaseModel):
     timeout_s: int = 30
     access_log: bool = False
     tracing: bool = False
+    bentoml_metrics: bool = False
 
 
 ARGS = bentoml.use_arguments(ServeArgs)
@@ -191,6 +192,11 @@ class InferenceEngine:
     workers=ARGS.workers,
     traffic={"timeout": ARGS.timeout_s + 1},  # our own 408/503 answer first
     logging={"access": {"enabled": ARGS.access_log}},
+    # BentoML's request metrics (four labelled updates a request, in a middleware outside ours) cost
+    # ~6 % of requests/s on the 2-core build machine (docs/SERVING.md); the API counts and times its
+    # own requests (imgclf_requests_total, imgclf_request_duration_seconds) and serves /metrics
+    # itself (service.app). IMGCLF_BENTOML_METRICS=1 puts BentoML's back, with its /metrics route.
+    metrics={"enabled": ARGS.bentoml_metrics},
     # OpenTelemetry spans for every request cost ~12 % of a worker's CPU (profile in
     # docs/SERVING.md); the classify routes are traced only with IMGCLF_TRACING=1.
     **({} if ARGS.tracing else {"tracing": {"excluded_urls": ["/classify", "/classify_batch", "/explain"]}}),

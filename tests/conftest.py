@@ -151,9 +151,9 @@ def server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def engine_service_server() -> Iterator[Server]:
     """The same, with the models in a separate engine service (the GPU-host layout: two API workers
-    feeding one engine process) and debug logs."""
+    feeding one engine process), debug logs and BentoML's own request metrics."""
     srv = Server({"IMGCLF_MODELS_DIR": str(SHIPPED_MODELS), "IMGCLF_ENGINE": "service",
-                  "IMGCLF_API_WORKERS": "2", "IMGCLF_LOG_LEVEL": "DEBUG",
+                  "IMGCLF_API_WORKERS": "2", "IMGCLF_LOG_LEVEL": "DEBUG", "IMGCLF_BENTOML_METRICS": "1",
                   "IMGCLF_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
     yield srv
     srv.stop()

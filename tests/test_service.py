@@ -160,7 +160,6 @@ def test_metrics_count_what_was_served(server: Server, cifar_samples) -> None:
     before = {"images": metric(server, "imgclf_images_total", 'model="cifar10"'),
               "ok": metric(server, "imgclf_requests_total", 'endpoint="/classify",status="200"'),
               "rejected": metric(server, "imgclf_rejected_total", 'error="not_an_image"'),
-              "bentoml": metric(server, "bentoml_service_request_duration_seconds_count", 'endpoint="/classify"'),
               "timed": metric(server, "imgclf_request_duration_seconds_count", 'endpoint="/classify"')}
     for _, data in cifar_samples[:3]:
         assert post(server, {"image": ("x.jpg", data)}).status_code == 200
@@ -168,9 +167,24 @@ def test_metrics_count_what_was_served(server: Server, cifar_samples) -> None:
     assert metric(server, "imgclf_images_total", 'model="cifar10"') - before["images"] == 3
     assert metric(server, "imgclf_requests_total", 'endpoint="/classify",status="200"') - before["ok"] == 3
     assert metric(server, "imgclf_rejected_total", 'error="not_an_image"') - before["rejected"] == 1
-    assert metric(server, "bentoml_service_request_duration_seconds_count", 'endpoint="/classify"') \
-        - before["bentoml"] == 4  # BentoML's own request metrics see the requests ServiceFirst serves
     assert metric(server, "imgclf_request_duration_seconds_count", 'endpoint="/classify"') - before["timed"] == 4
+    response = httpx.get(server.url + "/metrics")  # the service's own route: BentoML's metrics are off
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    assert "bentoml_service_request" not in response.text
+
+
+def test_bentoml_metrics_switch_brings_back_its_request_metrics(engine_service_server: Server) -> None:
+    """IMGCLF_BENTOML_METRICS=1 (this server): BentoML's per-request metrics count the requests the
+    service's endpoints answer, beside the service's own, on BentoML's /metrics route."""
+    server = engine_service_server
+    sample = encode(Image.new("RGB", (32, 32), "white"), "JPEG")
+    before = metric(server, "bentoml_service_request_duration_seconds_count", 'endpoint="/classify"')
+    ours = metric(server, "imgclf_requests_total", 'endpoint="/classify",status="200"')
+    for _ in range(3):
+        assert post(server, {"image": ("x.jpg", sample)}).status_code == 200
+    # two API workers: each request is counted by whichever answered it, and /metrics sums them
+    assert metric(server, "bentoml_service_request_duration_seconds_count", 'endpoint="/classify"') - before == 3
+    assert metric(server, "imgclf_requests_total", 'endpoint="/classify",status="200"') - ours == 3
 
 
 # --- bad input: every case a 4xx JSON {"error", "detail"}, and the server keeps serving ---------
