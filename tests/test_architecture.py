@@ -32,7 +32,7 @@ def test_importing_the_service_reads_no_setting_and_loads_no_framework() -> None
     at import), loads neither PyTorch nor ONNX Runtime, and changes no environment variable."""
     poisoned = {name: "not-a-valid-value" for name in (
         "IMGCLF_TIMEOUT_S", "IMGCLF_ENGINE", "IMGCLF_DEVICE", "IMGCLF_BACKEND", "IMGCLF_API_WORKERS",
-        "IMGCLF_ACCESS_LOG", "IMGCLF_TRACING", "IMGCLF_MAX_PIXELS", "IMGCLF_LOG_FORMAT")}
+        "IMGCLF_ACCESS_LOG", "IMGCLF_TRACING", "IMGCLF_BENTOML_METRICS", "IMGCLF_MAX_PIXELS", "IMGCLF_LOG_FORMAT")}
     poisoned["IMGCLF_MODELS_DIR"] = "/nonexistent"
     code = ("import os, sys, json; before = dict(os.environ); import service.service as s; "
             "print(json.dumps({'torch': 'torch' in sys.modules, 'onnxruntime': 'onnxruntime' in sys.modules, "
@@ -43,7 +43,7 @@ def test_importing_the_service_reads_no_setting_and_loads_no_framework() -> None
     facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert facts == {"torch": False, "onnxruntime": False, "environ_changed": False,
                      "args": {"layout": "inprocess", "workers": 1, "timeout_s": 30, "access_log": False,
-                              "tracing": False}}
+                              "tracing": False, "bentoml_metrics": False}}
 
 
 @pytest.mark.parametrize("name", sorted(modules()))
