@@ -117,7 +117,8 @@ def decode_batch(items: Sequence[Item], size: Sequence[int], max_pixels: int = D
     """Decode ``items`` into one array at ``size`` (h, w); a bad item is listed, not raised.
 
     Paths are read one at a time, as they are decoded (a process holds one file's bytes, not a
-    batch's). An ndarray item is an image already decoded at ``size`` (:func:`inline_pixels`). ``budget``: shared with the caller's other decoding threads (see module doc).
+    batch's). An ndarray item is an image already decoded at ``size`` (:func:`inline_pixels`).
+    ``budget``: shared with the caller's other decoding threads (see module doc).
     ``gpu_jpegs``: leave plain JPEGs already at ``size`` undecoded (:attr:`DecodedBatch.jpegs`).
     ``out``: where to write the pixels (room for ``len(items)`` images; default a new array)."""
     if out is None:

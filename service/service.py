@@ -193,7 +193,7 @@ class InferenceEngine:
     traffic={"timeout": ARGS.timeout_s + 1},  # our own 408/503 answer first
     logging={"access": {"enabled": ARGS.access_log}},
     # BentoML's request metrics (four labelled updates a request, in a middleware outside ours) cost
-    # ~6 % of requests/s on the 2-core build machine (docs/SERVING.md); the API counts and times its
+    # ~5 % of requests/s on the 2-core build machine (docs/SERVING.md); the API counts and times its
     # own requests (imgclf_requests_total, imgclf_request_duration_seconds) and serves /metrics
     # itself (service.app). IMGCLF_BENTOML_METRICS=1 puts BentoML's back, with its /metrics route.
     metrics={"enabled": ARGS.bentoml_metrics},
