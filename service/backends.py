@@ -112,14 +112,18 @@ class TorchScriptBackend:
             x = torch.from_numpy(batch).to(self.device, non_blocking=True)
             if self.device == "cuda":
                 x = x.half().contiguous(memory_format=torch.channels_last)
-            out = self.module(x)
-            if isinstance(out, tuple):  # (probabilities, ood_score): a graph with an OOD score
-                if not self.ood:
-                    return out[0].float().cpu().numpy()
-                return pack(out[0].float().cpu().numpy(), out[1].float().cpu().numpy())
-            if self.ood:
-                raise RegistryError("the card has an ood section but the TorchScript graph returns one output")
-            return out.float().cpu().numpy()
+            return self.outputs(self.module(x))
+
+    def outputs(self, out: Any) -> np.ndarray:
+        """The module's output as a backend returns it: the probabilities, with the OOD score as a
+        last column when the card has one (the scoring tool's CUDA runner uses it too)."""
+        if isinstance(out, tuple):  # (probabilities, ood_score): a graph with an OOD score
+            if not self.ood:
+                return out[0].float().cpu().numpy()
+            return pack(out[0].float().cpu().numpy(), out[1].float().cpu().numpy())
+        if self.ood:
+            raise RegistryError("the card has an ood section but the TorchScript graph returns one output")
+        return out.float().cpu().numpy()
 
 
 def gpu_backend_usable(backend: str) -> bool:

@@ -43,8 +43,9 @@ def split(card: ModelCard, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray 
     return outputs[:, :-1], outputs[:, -1]
 
 
-def in_distribution(card: ModelCard, scores: np.ndarray) -> np.ndarray:
-    """Per row, whether the score is within the card's threshold (one numpy comparison a batch)."""
+def in_distribution(card: ModelCard, scores: Any) -> Any:
+    """Per row, whether the score is within the card's threshold (one numpy comparison a batch; a
+    bool for one float score)."""
     if card.ood is None:
         raise ValueError(f"model {card.name!r} has no out-of-distribution score")
     return scores <= card.ood.threshold
@@ -55,4 +56,4 @@ def answer_fields(card: ModelCard, row: np.ndarray) -> dict[str, Any]:
     if card.ood is None:
         return {}
     score = float(row[-1])
-    return {"ood_score": score, "in_distribution": score <= card.ood.threshold}
+    return {"ood_score": score, "in_distribution": in_distribution(card, score)}

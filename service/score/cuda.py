@@ -9,7 +9,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from service.backends import cuda_present
-from service.ood import pack
 from service.pipeline import DecodedBatch, decode_batch
 from service.preprocess import ImageError
 
@@ -29,11 +28,12 @@ class PinnedCudaRunner:
     half precision and channels-last, as the registry's backend does.
     """
 
-    def __init__(self, module: Any, mean: Sequence[float], std: Sequence[float], batch_size: int,
+    def __init__(self, backend: Any, mean: Sequence[float], std: Sequence[float], batch_size: int,
                  size: Sequence[int]) -> None:
+        """``backend``: the entry's :class:`~service.backends.TorchScriptBackend` on CUDA."""
         import torch
 
-        self.torch, self.module = torch, module
+        self.torch, self.module, self.outputs = torch, backend.module, backend.outputs
         self.scale = torch.full((1,), 255.0, dtype=torch.float32, device="cuda")
         self.mean = torch.tensor(mean, dtype=torch.float32, device="cuda").view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device="cuda").view(1, 3, 1, 1)
@@ -45,15 +45,12 @@ class PinnedCudaRunner:
         return self.run_cuda(staging.to("cuda", non_blocking=True))  # .cpu() at the end waits: staging is free
 
     def run_cuda(self, x: Any) -> np.ndarray:
-        """(N, 3, H, W) uint8 CUDA tensor -> (N, classes) float32 probabilities."""
+        """(N, 3, H, W) uint8 CUDA tensor -> (N, classes) float32 probabilities (+ the OOD score column)."""
         torch = self.torch
         with torch.inference_mode():
             x = ((x.float() / self.scale - self.mean) / self.std).half()
             x = x.contiguous(memory_format=torch.channels_last)
-            out = self.module(x)
-            if isinstance(out, tuple):  # (probabilities, ood_score): one array, as the backends return
-                return pack(out[0].float().cpu().numpy(), out[1].float().cpu().numpy())
-            return out.float().cpu().numpy()
+            return self.outputs(self.module(x))  # one array, as the backend returns
 
 
 class GpuJpegDecoder:

@@ -57,7 +57,7 @@ class LocalScorer:
         self.run = self.model.predict
         spec, device = self.model.card.input, self.model.backend.device
         if self.backend == "torchscript" and device == "cuda":
-            self.run = PinnedCudaRunner(self.model.backend.module, spec.mean, spec.std, self.batch_size, spec.size)
+            self.run = PinnedCudaRunner(self.model.backend, spec.mean, spec.std, self.batch_size, spec.size)
         if self.decode == "gpu":
             if device != "cuda":
                 self.pool.close(cancel=True)
