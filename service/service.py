@@ -31,7 +31,7 @@ import importlib.util
 import json
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import aiohttp
 import bentoml
@@ -87,29 +87,33 @@ class RequestMetrics:
     ``labels()`` call costs about as much as the update itself)."""
 
     def __init__(self) -> None:
-        self.answered: dict[tuple[str, int], tuple[Any, Any]] = {}  # endpoints x statuses: a few dozen
-        self.rejected: dict[str, Any] = {}
-        self.out_of_distribution: dict[str, Any] = {}  # per served model
+        self.answered = Children(lambda key: (REQUESTS.labels(endpoint=key[0], status=str(key[1])),
+                                              DURATION.labels(endpoint=key[0])))  # endpoints x statuses
+        self.rejected = Children(lambda error: REJECTED.labels(error=error))
+        self.out_of_distribution = Children(lambda model: OUT_OF_DISTRIBUTION.labels(model=model))
 
     def on_answer(self, endpoint: str, status: int, seconds: float) -> None:
-        children = self.answered.get((endpoint, status))
-        if children is None:
-            children = self.answered[endpoint, status] = (
-                REQUESTS.labels(endpoint=endpoint, status=str(status)), DURATION.labels(endpoint=endpoint))
-        children[0].inc()
-        children[1].observe(seconds)
+        requests, duration = self.answered[endpoint, status]
+        requests.inc()
+        duration.observe(seconds)
 
     def on_reject(self, error: str) -> None:
-        child = self.rejected.get(error)
-        if child is None:
-            child = self.rejected[error] = REJECTED.labels(error=error)
-        child.inc()
+        self.rejected[error].inc()
 
     def on_ood(self, model: str, answers: int) -> None:
-        child = self.out_of_distribution.get(model)
-        if child is None:
-            child = self.out_of_distribution[model] = OUT_OF_DISTRIBUTION.labels(model=model)
-        child.inc(answers)
+        self.out_of_distribution[model].inc(answers)
+
+
+class Children(dict[Any, Any]):
+    """A metric's labelled children by their label values, each made (``make(key)``) on first use."""
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> Any:
+        child = self[key] = self.make(key)
+        return child
 
 
 def observe_batch(model: str, size: int) -> None:
@@ -221,14 +225,15 @@ class ImageClassifier:
         configure_logging(settings.log_format, settings.log_level)
         cards, default = load_cards(settings.models_dir, settings.models, settings.backend, settings.default_model)
         budget = DecodeBudget(DEFAULT_DECODE_BUDGET_BYTES)  # every decode of this worker shares it
+        in_flight = settings.in_flight(ARGS.layout)  # batches at once, one runner thread each
         if ARGS.layout == "service":
             runner: Any = RemoteRunner(self._engine_call, settings.max_pixels, budget)
             logger.info("models run in the inference-engine service (engine=service)")
         else:
             models = load_models(settings, ARGS.layout, settings.threads_per_worker(ARGS.workers))
-            runner = LocalRunner(models, settings.max_pixels, budget, observe_batch, settings.in_flight(ARGS.layout))
+            runner = LocalRunner(models, settings.max_pixels, budget, observe_batch, in_flight)
         batcher = Batcher(runner, settings.max_batch_size, settings.max_latency_ms, settings.max_queue,
-                          settings.batching, in_flight=settings.in_flight(ARGS.layout),
+                          settings.batching, in_flight=in_flight,
                           max_queue_bytes=settings.max_queue_bytes)
         metrics = RequestMetrics()
         self.api = Api(settings, cards, default, batcher, on_reject=metrics.on_reject, on_answer=metrics.on_answer,
