@@ -15,11 +15,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.card import RegistryError
+from service.card import OOD_OUTPUTS, RegistryError
 from service.ood import pack
 
 BACKENDS = ("onnx", "torchscript")
-OUTPUTS = ("probabilities", "ood_score")  # the graph outputs of an entry with an OOD score
 
 
 class Backend(Protocol):
@@ -52,9 +51,9 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.ood = ood
-        if ood and tuple(o.name for o in self.session.get_outputs()) != OUTPUTS:
+        if ood and tuple(o.name for o in self.session.get_outputs()) != OOD_OUTPUTS:
             raise RegistryError(f"{path}: the card has an ood section but the graph's outputs are "
-                                f"{[o.name for o in self.session.get_outputs()]}, not {list(OUTPUTS)}")
+                                f"{[o.name for o in self.session.get_outputs()]}, not {list(OOD_OUTPUTS)}")
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.run_options = run_options(self.device)
         self.keep_arena = ort.RunOptions()  # the arena keeps what the run took
@@ -62,7 +61,7 @@ class OnnxBackend:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         options = self.run_options if batch.nbytes > ARENA_KEEP_INPUT_BYTES else self.keep_arena
         if self.ood:
-            return pack(*self.session.run(list(OUTPUTS), {self.input_name: batch}, options))
+            return pack(*self.session.run(list(OOD_OUTPUTS), {self.input_name: batch}, options))
         return self.session.run(None, {self.input_name: batch}, options)[0]
 
 

@@ -83,6 +83,9 @@ class Artifact:
         return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
 
 
+OOD_OUTPUTS = ("probabilities", "ood_score")  # the graph outputs of an entry with an ``ood`` section, in order
+
+
 @dataclass(frozen=True)
 class OODSpec:
     """The card's ``ood`` section: the out-of-distribution score the graphs return beside the
@@ -104,10 +107,10 @@ class OODSpec:
             raise ValueError("ood.method must name the score")
         if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
             raise ValueError(f"ood.threshold must be a finite number, got {threshold!r}")
-        outputs = section.get("outputs", {}).get("onnx", ["probabilities", "ood_score"]) \
+        outputs = section.get("outputs", {}).get("onnx", list(OOD_OUTPUTS)) \
             if isinstance(section.get("outputs", {}), Mapping) else None
-        if outputs != ["probabilities", "ood_score"]:
-            raise ValueError(f"ood.outputs.onnx must be ['probabilities', 'ood_score'], got {outputs!r}")
+        if outputs != list(OOD_OUTPUTS):
+            raise ValueError(f"ood.outputs.onnx must be {list(OOD_OUTPUTS)}, got {outputs!r}")
         return cls(method=method, threshold=float(threshold), section=dict(section))
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +139,11 @@ class ModelCard:
     ood: OODSpec | None = None  # the graphs also return an out-of-distribution score
     extra: dict[str, Any] = field(default_factory=dict)  # every other key, as read
     order: tuple[str, ...] = ()  # the keys in the order read (for a faithful rewrite)
+
+    @property
+    def dataset(self) -> str:
+        """The dataset the model was trained on: its split spec's, else its training record's."""
+        return (self.split_spec or self.training)["dataset"]
 
     # --- reading and writing --------------------------------------------------------------------
 

@@ -308,8 +308,7 @@ def ood_entry(folder: Path, tolerance: float = 1e-4, parity_count: int = 256, sc
     serving = serving_graph(plain, card)  # the probabilities, exactly as the entry computes them
     onnx_path = folder / card.artifact("onnx").file
     check_parity(serving, onnx_path, folder / card.artifact("torchscript").file, inputs, tolerance)
-    dataset = (card.split_spec or card.training)["dataset"]
-    scorer, section = fit_ood(serving, plain, card.tta_level, data, dataset, spec.size, spec, scale)
+    scorer, section = fit_ood(serving, plain, card.tta_level, data, card.dataset, spec.size, spec, scale)
     model = WithOOD(serving, plain, card.tta_level, scorer).eval()
     command = f"python -m training.export --ood-entry {folder}" + (f" --ood-scale {scale:g}" if scale != 1 else "")
     section = {**section, "fitted_from_version": card.version,

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from service.card import OOD_OUTPUTS
 from service.preprocess import normalize
 from training import ood
 from training.data import Dataset
@@ -142,7 +143,7 @@ def describe_fit(scorer: ood.MahalanobisScorer, components: int | None,
                            **for_the_record},
         "proxies": "These sets are proxies built from the project's own data, not real unknowns: a good figure "
                    "on them is necessary, not sufficient (docs/OOD.md).",
-        "outputs": {"onnx": ["probabilities", "ood_score"],
+        "outputs": {"onnx": list(OOD_OUTPUTS),
                     "torchscript": "forward returns (probabilities, ood_score)"},
         "measured_by": "training.ood_fit at export, on this entry's float32 graph",
     }

@@ -140,8 +140,7 @@ def quantize_with_ood(card: ModelCard, fp32_path: Path, int8_path: Path, data: D
     cut, quantized = scratch / "features.onnx", scratch / "features-int8.onnx"
     features = features_graph(fp32_path, cut)
     quantize_graph(cut, quantized, data.train.images[sample].numpy(), card.input)
-    dataset = (card.split_spec or card.training)["dataset"]
-    scorer, section = refit(card.ood.to_dict(), quantized, data, dataset, card.input)
+    scorer, section = refit(card.ood.to_dict(), quantized, data, card.dataset, card.input)
     attach_scorer(quantized, features, scorer, section["parameters"]["feature_dim"], int8_path)
     cut.unlink()
     quantized.unlink()

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from service.card import InputSpec
+from service.card import OOD_OUTPUTS, InputSpec
 from service.preprocess import normalize
 from training import ood
 from training.data import Dataset
@@ -92,7 +92,7 @@ def attach_scorer(quantized: Path, features: str, scorer: torch.nn.Module, dim: 
         if op.domain in domains and domains[op.domain] != op.version:
             op.version = domains[op.domain]
     merged = compose.merge_models(main, part, io_map=[(features, "features")],
-                                  outputs=["probabilities", "ood_score"])
+                                  outputs=list(OOD_OUTPUTS))
     onnx.checker.check_model(merged)
     onnx.save(merged, str(target))
     scorer_path.unlink()

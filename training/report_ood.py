@@ -24,7 +24,7 @@ def plot_ood(card: ModelCard, onnx_path: Path, data: Dataset, test_scores: np.nd
              save: Callable[[Any, Path], Path], pyplot: Callable[[], Any], scale: float = 0.25) -> dict[str, Any]:
     """Draw the histogram (log-scaled score axis) and return the numbers behind it."""
     assert card.ood is not None
-    dataset = (card.split_spec or card.training)["dataset"]
+    dataset = card.dataset
     sets = proxy_sets(dataset, card.input.size, data, ProxySizes.for_dataset(dataset, scale))
     scores = {name: onnx_image_outputs(onnx_path, s.images.numpy(), card.input, 250)[1]
               for name, s in sets.items() if not s.parts}

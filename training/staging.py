@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.card import Artifact, ModelCard, write_card
+from service.card import OOD_OUTPUTS, Artifact, ModelCard, write_card
 from service.registry import sha256_file
 from training.cam import trace_explainable
 
@@ -72,14 +72,11 @@ def onnx_exportable(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return model
 
 
-OUTPUTS = ("probabilities", "ood_score")  # a graph with an OOD score (training.ood_graph) returns both
-
-
 def output_names(model: nn.Module, example: torch.Tensor) -> list[str]:
     """``["probabilities"]``, or ``["probabilities", "ood_score"]`` for a graph returning a pair."""
     with torch.no_grad():
         out = model(example)
-    return list(OUTPUTS[:len(out)]) if isinstance(out, tuple) else [OUTPUTS[0]]
+    return list(OOD_OUTPUTS[:len(out)]) if isinstance(out, tuple) else [OOD_OUTPUTS[0]]
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
