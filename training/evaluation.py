@@ -17,12 +17,16 @@ from service.preprocess import normalize
 from training.data import ImageSet, batches
 from training.precision import FP32, Precision
 
-def onnx_image_outputs(path: Path, images: np.ndarray, spec: InputSpec, batch_size: int = 500) -> list[np.ndarray]:
+def onnx_image_outputs(path: Path, images: np.ndarray, spec: InputSpec, batch_size: int = 500,
+                       threads: int = 0) -> list[np.ndarray]:
     """Every output of the ONNX graph at ``path`` (in the graph's order) for uint8 images
-    (N, 3, H, W), normalised as ``spec`` says and run in batches on ONNX Runtime's CPU provider."""
+    (N, 3, H, W), normalised as ``spec`` says and run in batches on ONNX Runtime's CPU provider
+    (``threads``: its intra-op threads; 0, its default)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     parts = [session.run(None, {name: normalize(images[i:i + batch_size], spec)})
              for i in range(0, len(images), batch_size)]

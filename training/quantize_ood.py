@@ -20,13 +20,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from service.card import OOD_OUTPUTS, InputSpec
-from service.preprocess import normalize
 from training import ood
 from training.data import Dataset
+from training.evaluation import onnx_image_outputs
 from training.ood_fit import OPSET, TPR, collect_outputs, describe_fit
 from training.ood_sets import ProxySizes, proxy_sets
 
@@ -60,18 +59,6 @@ def features_graph(source: Path, target: Path) -> str:
     return features
 
 
-def run_graph(path: Path, images: torch.Tensor, spec: InputSpec, batch: int = 500) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    parts = [session.run(None, {name: normalize(images[i:i + batch].numpy(), spec)})
-             for i in range(0, len(images), batch)]
-    return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
-
-
 def attach_scorer(quantized: Path, features: str, scorer: torch.nn.Module, dim: int, target: Path) -> None:
     """Join ``scorer`` (features -> ood_score, exported to ONNX here) to the quantised graph's
     ``features`` output; the result's outputs are ``probabilities`` and ``ood_score``."""
@@ -103,7 +90,8 @@ def refit(card_ood: dict[str, Any], features_path: Path, data: Dataset, dataset:
     """The scorer fitted on ``features_path``'s features (the INT8 graph's) of the training split,
     with the source card's parameters, and its ``ood`` section measured on the INT8 graph."""
     sets = proxy_sets(dataset, spec.size, data, ProxySizes.for_dataset(dataset, scale))
-    outputs = collect_outputs(lambda images: tuple(torch.from_numpy(a) for a in run_graph(features_path, images, spec)),
+    outputs = collect_outputs(lambda images: tuple(torch.from_numpy(a) for a in
+                                                   onnx_image_outputs(features_path, images.numpy(), spec, threads=2)),
                               data, sets, log)
     parameters = card_ood["parameters"]
     components = parameters["components"] if parameters["components"] < parameters["feature_dim"] else None
